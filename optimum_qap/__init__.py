@@ -1,0 +1,33 @@
+"""optimum-qap: QAPruner (quantization-aware vision-token pruning) for Hugging Face transformers.
+
+`import optimum_qap` registers `QAPrunerConfig` under the quantization method name "qap", so that
+`from_pretrained(..., quantization_config=QAPrunerConfig())` quantizes a LLaVA model and saved checkpoints reload.
+"""
+
+from transformers.quantizers import auto as _auto
+
+from .config import QUANT_METHOD, QAPrunerConfig
+from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
+from .quantizer import QAPrunerHfQuantizer, quantized_modules, weight_storage_bytes
+
+
+def _register() -> None:
+    # transformers raises on a second registration of a name; re-imports (reload, notebooks) must stay silent
+    if QUANT_METHOD not in _auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        _auto.register_quantization_config(QUANT_METHOD)(QAPrunerConfig)
+    if QUANT_METHOD not in _auto.AUTO_QUANTIZER_MAPPING:
+        _auto.register_quantizer(QUANT_METHOD)(QAPrunerHfQuantizer)
+
+
+_register()
+
+__all__ = [
+    "QAPrunerConfig",
+    "QAPrunerHfQuantizer",
+    "QuantLinear",
+    "QuantSpec",
+    "UncalibratedError",
+    "quantized_modules",
+    "weight_storage_bytes",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,302 @@
+"""`QAPrunerConfig`: one transformers quantization config for W4A4 quantization and QAPruner token pruning."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+QUANT_METHOD = "qap"
+# Bump when the on-disk layout of quantized modules changes; loading a newer version is refused.
+FORMAT_VERSION = 1
+
+WEIGHT_BITS = (2, 3, 4, 8, 16)
+ACTIVATION_BITS = (2, 3, 4, 8, 16)
+ACTIVATION_GRANULARITIES = ("per_token", "per_group", "static_per_channel", "static_per_tensor")
+STATIC_GRANULARITIES = ("static_per_channel", "static_per_tensor")
+SEMANTIC_SCORES = ("cls_attention", "cdpruner")
+SELECTIONS = ("topk", "dpp")
+
+
+def _invalid(field: str, value: Any, allowed: str) -> ValueError:
+    return ValueError(f"QAPrunerConfig.{field}={value!r} is invalid: {allowed}.")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_choice(field: str, value: Any, choices: tuple) -> None:
+    # `value in choices` alone would accept True for 1 and 4.0 for 4
+    if type(value) not in {type(c) for c in choices} or value not in choices:
+        raise _invalid(field, value, f"expected one of {list(choices)}")
+
+
+def _check_positive_int(field: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not _is_int(value) or value <= 0:
+        raise _invalid(field, value, "expected a positive integer" + (" or None" if optional else ""))
+
+
+def _check_unit_interval(field: str, value: Any, low_open: bool = False) -> None:
+    if not _is_real(value) or value < 0 or value > 1 or (low_open and value == 0):
+        interval = "(0, 1]" if low_open else "[0, 1]"
+        raise _invalid(field, value, f"expected a number in {interval}")
+
+
+def _check_bool(field: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise _invalid(field, value, "expected true or false")
+
+
+def _check_str_list(field: str, value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise _invalid(field, value, "expected a list of non-empty module names or None")
+
+
+def _check_calibration(field: str, value: Any) -> None:
+    if value is None or value == "builtin":
+        return
+    if isinstance(value, list) and value and all(_is_sample(v) for v in value):
+        return
+    raise _invalid(
+        field,
+        value,
+        'expected None, "builtin" (samples shipped with optimum-qap) or a non-empty list of '
+        '{"image": <path>, "text": <prompt>} dicts',
+    )
+
+
+def _is_json_object(value: Any) -> bool:
+    try:
+        return isinstance(value, dict) and json.loads(json.dumps(value, allow_nan=False)) == value
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_sample(value: Any) -> bool:
+    return (
+        isinstance(value, dict)
+        and set(value) == {"image", "text"}
+        and isinstance(value["image"], str)
+        and isinstance(value["text"], str)
+    )
+
+
+class QAPrunerConfig(QuantizationConfigMixin):
+    """Quantize a LLaVA model's language model to low-bit weights and activations and prune its visual tokens.
+
+    `QAPrunerConfig()` is the paper's setting: W4A4 with QAPruner pruning at 12.5 % retention. The default
+    activation granularity (dynamic per-token) needs no calibration; the static ones do (see `calibration`).
+
+    Quantization:
+        w_bits: weight bits, one of 2, 3, 4, 8 or 16 (16 keeps weights in the model dtype).
+        w_group_size: input channels sharing one weight scale; None means one scale per output channel.
+        w_symmetric: symmetric weights (no zero point) instead of asymmetric min-max.
+        a_bits: activation bits, one of 2, 3, 4, 8 or 16 (16 turns activation quantization off).
+        a_granularity: "per_token" and "per_group" (dynamic), "static_per_channel" (calibrated per-channel
+            ranges, the paper's Q-VLM setting) or "static_per_tensor".
+        a_group_size: channels per group for "per_group".
+        a_symmetric: symmetric activations instead of asymmetric min-max.
+        quantize_projector / quantize_vision_tower: also quantize the multimodal projector / the vision tower.
+        modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head always is.
+        calibration: None, "builtin" or a list of {"image": path, "text": prompt}; when set, `from_pretrained`
+            calibrates activation ranges and outlier statistics on these samples.
+        num_calibration_samples: how many "builtin" samples to use.
+        outlier_ratio: a channel whose calibrated absolute maximum exceeds this multiple of the layer's median
+            channel is reported as an outlier channel.
+
+    Pruning:
+        keep_ratio: share of visual tokens that reach the language model (1.0 disables pruning).
+        keep_tokens: absolute number of kept visual tokens per image; overrides keep_ratio.
+        alpha: fusion weight, S = alpha * S^P + (1 - alpha) * S^Q; 1.0 is the semantic-only pruner.
+        semantic: "cls_attention" ([CLS] attention of the vision tower) or "cdpruner" (instruction relevance).
+        selection: "topk" or "dpp" (conditional DPP as in CDPruner).
+        error_weight / range_weight: weights of the normalised group-quantization error and range in S^Q.
+        sensitivity_group_size: group size of the simulated quantization in S^Q.
+        sensitivity_bits: bits of the simulated quantization in S^Q; None uses a_bits (4 when a_bits is 16).
+        clip_text_model: optional CLIP model id whose text tower scores instruction relevance for "cdpruner".
+
+    Provenance (filled in by optimum-qap, shown in the model card):
+        base_model: the model id the weights were quantized from.
+        calibration_summary: what calibration ran on (sample count, source, seconds).
+
+    Example:
+        >>> import optimum_qap
+        >>> cfg = optimum_qap.QAPrunerConfig(w_bits=4, a_bits=8, a_granularity="per_group", keep_ratio=0.25)
+        >>> optimum_qap.QAPrunerConfig.from_dict(cfg.to_dict()).to_dict() == cfg.to_dict()
+        True
+    """
+
+    def __init__(
+        self,
+        w_bits: int = 4,
+        w_group_size: int | None = 128,
+        w_symmetric: bool = False,
+        a_bits: int = 4,
+        a_granularity: str = "per_token",
+        a_group_size: int = 128,
+        a_symmetric: bool = False,
+        quantize_projector: bool = False,
+        quantize_vision_tower: bool = False,
+        modules_to_not_convert: list[str] | None = None,
+        calibration: str | list[dict[str, str]] | None = None,
+        num_calibration_samples: int = 16,
+        outlier_ratio: float = 20.0,
+        keep_ratio: float = 0.125,
+        keep_tokens: int | None = None,
+        alpha: float = 0.5,
+        semantic: str = "cls_attention",
+        selection: str = "topk",
+        error_weight: float = 0.5,
+        range_weight: float = 0.5,
+        sensitivity_group_size: int = 128,
+        sensitivity_bits: int | None = None,
+        clip_text_model: str | None = None,
+        base_model: str | None = None,
+        calibration_summary: dict[str, Any] | None = None,
+        format_version: int = FORMAT_VERSION,
+    ):
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.w_bits = w_bits
+        self.w_group_size = w_group_size
+        self.w_symmetric = w_symmetric
+        self.a_bits = a_bits
+        self.a_granularity = a_granularity
+        self.a_group_size = a_group_size
+        self.a_symmetric = a_symmetric
+        self.quantize_projector = quantize_projector
+        self.quantize_vision_tower = quantize_vision_tower
+        self.modules_to_not_convert = copy.deepcopy(modules_to_not_convert)
+        self.calibration = copy.deepcopy(calibration)
+        self.num_calibration_samples = num_calibration_samples
+        self.outlier_ratio = outlier_ratio
+        self.keep_ratio = keep_ratio
+        self.keep_tokens = keep_tokens
+        self.alpha = alpha
+        self.semantic = semantic
+        self.selection = selection
+        self.error_weight = error_weight
+        self.range_weight = range_weight
+        self.sensitivity_group_size = sensitivity_group_size
+        self.sensitivity_bits = sensitivity_bits
+        self.clip_text_model = clip_text_model
+        self.base_model = base_model
+        self.calibration_summary = copy.deepcopy(calibration_summary)
+        self.post_init()
+
+    def post_init(self) -> None:
+        """Validate every field; raises `ValueError` naming the field, the value and what is allowed."""
+        if not _is_int(self.format_version) or self.format_version < 1:
+            raise _invalid("format_version", self.format_version, "expected a positive integer")
+        if self.format_version > FORMAT_VERSION:
+            raise _invalid(
+                "format_version",
+                self.format_version,
+                f"this checkpoint was written by a newer optimum-qap (format {self.format_version}); this release "
+                f"reads format <= {FORMAT_VERSION}, upgrade with `pip install -U optimum-qap`",
+            )
+        _check_choice("w_bits", self.w_bits, WEIGHT_BITS)
+        _check_positive_int("w_group_size", self.w_group_size, optional=True)
+        _check_bool("w_symmetric", self.w_symmetric)
+        _check_choice("a_bits", self.a_bits, ACTIVATION_BITS)
+        _check_choice("a_granularity", self.a_granularity, ACTIVATION_GRANULARITIES)
+        _check_positive_int("a_group_size", self.a_group_size)
+        _check_bool("a_symmetric", self.a_symmetric)
+        _check_bool("quantize_projector", self.quantize_projector)
+        _check_bool("quantize_vision_tower", self.quantize_vision_tower)
+        _check_str_list("modules_to_not_convert", self.modules_to_not_convert)
+        _check_calibration("calibration", self.calibration)
+        _check_positive_int("num_calibration_samples", self.num_calibration_samples)
+        if not _is_real(self.outlier_ratio) or self.outlier_ratio <= 1:
+            raise _invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
+        _check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
+        _check_positive_int("keep_tokens", self.keep_tokens, optional=True)
+        _check_unit_interval("alpha", self.alpha)
+        _check_choice("semantic", self.semantic, SEMANTIC_SCORES)
+        _check_choice("selection", self.selection, SELECTIONS)
+        _check_unit_interval("error_weight", self.error_weight)
+        _check_unit_interval("range_weight", self.range_weight)
+        if self.error_weight + self.range_weight == 0:
+            raise _invalid("error_weight", self.error_weight, "error_weight and range_weight cannot both be 0")
+        _check_positive_int("sensitivity_group_size", self.sensitivity_group_size)
+        if self.sensitivity_bits is not None:
+            _check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
+        if self.clip_text_model is not None and (not isinstance(self.clip_text_model, str) or not self.clip_text_model):
+            raise _invalid("clip_text_model", self.clip_text_model, "expected a model id or path, or None")
+        if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
+            raise _invalid("base_model", self.base_model, "expected a model id or None")
+        if self.calibration_summary is not None and not _is_json_object(self.calibration_summary):
+            raise _invalid("calibration_summary", self.calibration_summary, "expected a JSON object or None")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.w_bits < 16
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits < 16
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Static activation ranges must be calibrated before the model can run."""
+        return self.quantizes_activations and self.a_granularity in STATIC_GRANULARITIES
+
+    @property
+    def prunes(self) -> bool:
+        return self.keep_tokens is not None or self.keep_ratio < 1.0
+
+    @property
+    def scoring_bits(self) -> int:
+        if self.sensitivity_bits is not None:
+            return self.sensitivity_bits
+        return self.a_bits if self.quantizes_activations else 4
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        """Build a config from `to_dict()` output; unknown keys or a foreign `quant_method` raise `ValueError`."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"QAPrunerConfig.from_dict expects a dict, got {type(config_dict).__name__}")
+        fields = dict(config_dict)
+        method = fields.pop("quant_method", QUANT_METHOD)
+        if method != QUANT_METHOD:
+            raise _invalid("quant_method", method, f'expected "{QUANT_METHOD}"')
+        unknown = sorted(set(fields) - set(_init_fields()), key=str)
+        if unknown:
+            raise ValueError(
+                f"QAPrunerConfig got unknown field(s) {unknown}; known fields are {sorted(_init_fields())}. "
+                "A checkpoint written by a newer optimum-qap may need `pip install -U optimum-qap`."
+            )
+        config = cls(**fields)
+        unused = {}
+        for key, value in kwargs.items():
+            if key in _init_fields():
+                setattr(config, key, value)
+            else:
+                unused[key] = value
+        config.post_init()
+        return (config, unused) if return_unused_kwargs else config
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, **{k: copy.deepcopy(getattr(self, k)) for k in _init_fields()}}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, QAPrunerConfig) and self.to_dict() == other.to_dict()
+
+
+def _init_fields() -> tuple[str, ...]:
+    return QAPrunerConfig.__init__.__code__.co_varnames[1 : QAPrunerConfig.__init__.__code__.co_argcount]

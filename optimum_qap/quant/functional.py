@@ -1,0 +1,122 @@
+"""Integer quantization math: group-wise weight codes and activation fake quantization.
+
+Asymmetric ranges are widened to contain zero so that the zero point is an exact integer code (as integer
+kernels need, and as GPTQ/AWQ do); an all-zero group then has a zero range and gets scale 1.
+All math runs in float32 whatever the input dtype; results are cast back to the caller's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class WeightCodes:
+    """Unpacked weight codes of shape [out, in] and per-group scales / zero points of shape [out, groups]."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
+def split_groups(x: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """View the last dim as [groups, group_size]; a ragged tail is padded by repeating its last value.
+
+    Repeating a value of the same group leaves its min, max and absolute max unchanged.
+    """
+    length = x.shape[-1]
+    if group_size is None or group_size >= length:
+        return x.unsqueeze(-2)
+    pad = (-length) % group_size
+    if pad:
+        x = torch.cat((x, x[..., -1:].expand(*x.shape[:-1], pad)), dim=-1)
+    return x.unflatten(-1, (-1, group_size))
+
+
+def merge_groups(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Inverse of :func:`split_groups`."""
+    return x.flatten(-2)[..., :length]
+
+
+def asymmetric_params(low: torch.Tensor, high: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point covering [min(low, 0), max(high, 0)] with 2**bits codes."""
+    qmax = 2**bits - 1
+    low = low.float().clamp(max=0)
+    high = high.float().clamp(min=0)
+    scale = (high - low) / qmax
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = torch.round(-low / scale).clamp(0, qmax)
+    return scale, zero
+
+
+def symmetric_scale(absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Scale mapping [-absmax, absmax] onto the signed codes [-(2**(bits-1) - 1), 2**(bits-1) - 1]."""
+    scale = absmax.float() / (2 ** (bits - 1) - 1)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> WeightCodes:
+    """Round-to-nearest group-wise quantization of a [out, in] weight to unsigned codes in [0, 2**bits)."""
+    groups = split_groups(weight.float(), group_size)
+    if symmetric:
+        scale = symmetric_scale(groups.abs().amax(-1), bits)
+        offset = 2 ** (bits - 1)
+        codes = torch.round(groups / scale.unsqueeze(-1)).clamp(-offset, offset - 1) + offset
+        zero = None
+    else:
+        scale, zero = asymmetric_params(groups.amin(-1), groups.amax(-1), bits)
+        codes = (torch.round(groups / scale.unsqueeze(-1)) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
+        zero = zero.to(torch.uint8)
+    codes = merge_groups(codes, weight.shape[-1]).to(torch.uint8)
+    return WeightCodes(codes=codes, scale=scale, zero=zero)
+
+
+def dequantize_weight(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """Weight in ``dtype`` from unsigned codes [out, in] and per-group scale / zero point [out, groups]."""
+    groups = split_groups(codes, group_size).to(scale.dtype)
+    center = zero.to(scale.dtype).unsqueeze(-1) if zero is not None else 2 ** (bits - 1)
+    weight = (groups - center) * scale.unsqueeze(-1)
+    return merge_groups(weight, codes.shape[-1]).to(dtype)
+
+
+def fake_quant_asymmetric(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with the asymmetric range [low, high] (broadcast against ``x``)."""
+    scale, zero = asymmetric_params(low, high, bits)
+    codes = (torch.round(x.float() / scale) + zero).clamp(0, 2**bits - 1)
+    return ((codes - zero) * scale).to(x.dtype)
+
+
+def fake_quant_symmetric(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize-dequantize ``x`` with the symmetric range [-absmax, absmax] (broadcast against ``x``)."""
+    scale = symmetric_scale(absmax, bits)
+    limit = 2 ** (bits - 1) - 1
+    return (torch.round(x.float() / scale).clamp(-limit - 1, limit) * scale).to(x.dtype)
+
+
+def fake_quant_range(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool):
+    """Fake quantization of ``x`` over the range [low, high], symmetric or asymmetric."""
+    if symmetric:
+        return fake_quant_symmetric(x, torch.maximum(low.abs(), high.abs()), bits)
+    return fake_quant_asymmetric(x, low, high, bits)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """Dynamic quantization with one range per token (last dim = channels)."""
+    low, high = torch.aminmax(x.float(), dim=-1, keepdim=True)
+    return fake_quant_range(x, low, high, bits, symmetric)
+
+
+def fake_quant_per_group(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """Dynamic quantization with one range per token and per group of ``group_size`` channels."""
+    groups = split_groups(x, group_size)
+    low, high = torch.aminmax(groups.float(), dim=-1, keepdim=True)
+    return merge_groups(fake_quant_range(groups, low, high, bits, symmetric), x.shape[-1])

@@ -1,0 +1,190 @@
+"""`QuantLinear`: a drop-in `nn.Linear` replacement with packed low-bit weights and fake-quantized inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import functional as qf
+from .packing import pack_codes, packed_length, unpack_codes
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one linear layer is quantized (a plain copy of the relevant `QAPrunerConfig` fields)."""
+
+    w_bits: int = 4
+    w_group_size: int | None = 128
+    w_symmetric: bool = False
+    a_bits: int = 4
+    a_granularity: str = "per_token"
+    a_group_size: int = 128
+    a_symmetric: bool = False
+
+    @classmethod
+    def from_config(cls, config) -> QuantSpec:
+        return cls(**{name: getattr(config, name) for name in cls.__dataclass_fields__})
+
+    @property
+    def packs_weight(self) -> bool:
+        return self.w_bits < 16
+
+    @property
+    def is_static(self) -> bool:
+        return self.a_bits < 16 and self.a_granularity.startswith("static")
+
+
+class UncalibratedError(RuntimeError):
+    """A static activation granularity was used before its ranges were calibrated."""
+
+
+class QuantLinear(nn.Module):
+    """Linear layer holding packed integer weight codes, per-group scales (and zero points).
+
+    The weight is dequantized on the fly in the scale dtype (the model dtype). Inputs are fake-quantized
+    according to ``spec.a_granularity``. ``input_min`` / ``input_max`` hold per-channel calibrated input ranges
+    (NaN until calibrated); static granularities quantize with them, every granularity reports outliers from them.
+
+    Serialized names: ``weight_packed`` (uint8), ``weight_scale``, ``weight_zero`` (uint8, asymmetric only),
+    ``input_min``, ``input_max`` (float32), ``bias``; ``weight`` only when ``w_bits == 16``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        spec: QuantSpec,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+        awaiting_weight: bool = False,
+    ):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.observing = False
+        self._checked_calibration = False
+        if spec.packs_weight:
+            groups = self.num_weight_groups
+            codes_shape = (out_features, packed_length(in_features, spec.w_bits))
+            self.register_buffer("weight_packed", torch.zeros(codes_shape, dtype=torch.uint8, device=device))
+            self.register_buffer("weight_scale", torch.ones(out_features, groups, dtype=dtype, device=device))
+            if not spec.w_symmetric:
+                self.register_buffer("weight_zero", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
+        if not spec.packs_weight or awaiting_weight:
+            # While loading, the float weight arrives here before `prepare_from_weight` packs it.
+            self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        nan = torch.full((in_features,), float("nan"), dtype=torch.float32, device=device)
+        self.register_buffer("input_min", nan)
+        self.register_buffer("input_max", nan.clone())
+
+    @property
+    def num_weight_groups(self) -> int:
+        size = self.spec.w_group_size
+        return 1 if size is None else -(-self.in_features // size)
+
+    @property
+    def weight_group_size(self) -> int | None:
+        size = self.spec.w_group_size
+        return None if size is None or size >= self.in_features else size
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
+        """Quantize an existing `nn.Linear` (keeps its device and dtype)."""
+        module = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            spec,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+        )
+        for name, tensor in module.quantized_state(linear.weight.detach()).items():
+            getattr(module, name).data = tensor
+        if linear.bias is not None:
+            module.bias.data = linear.bias.detach().clone()
+        return module
+
+    def quantized_state(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Serialized tensors (name -> value) for a float weight; stats start uncalibrated (NaN)."""
+        state = {name: torch.full_like(getattr(self, name), float("nan"), device=weight.device)
+                 for name in ("input_min", "input_max")}
+        if not self.spec.packs_weight:
+            return {"weight": weight, **state}
+        codes = qf.quantize_weight(weight, self.spec.w_bits, self.weight_group_size, self.spec.w_symmetric)
+        state["weight_packed"] = pack_codes(codes.codes, self.spec.w_bits)
+        state["weight_scale"] = codes.scale.to(self.weight_scale.dtype)
+        if codes.zero is not None:
+            state["weight_zero"] = codes.zero
+        return state
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if not self.spec.packs_weight:
+            return self.weight
+        codes = unpack_codes(self.weight_packed, self.spec.w_bits, self.in_features)
+        zero = self.weight_zero if not self.spec.w_symmetric else None
+        return qf.dequantize_weight(
+            codes, self.weight_scale, zero, self.spec.w_bits, self.weight_group_size, self.weight_scale.dtype
+        )
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        if spec.a_bits >= 16:
+            return x
+        if spec.a_granularity == "per_token":
+            return qf.fake_quant_per_token(x, spec.a_bits, spec.a_symmetric)
+        if spec.a_granularity == "per_group":
+            return qf.fake_quant_per_group(x, spec.a_bits, spec.a_group_size, spec.a_symmetric)
+        self._require_calibration()
+        low, high = self.input_min, self.input_max
+        if spec.a_granularity == "static_per_tensor":
+            low, high = low.min(), high.max()
+        return qf.fake_quant_range(x, low, high, spec.a_bits, spec.a_symmetric)
+
+    def _require_calibration(self) -> None:
+        if self._checked_calibration:
+            return
+        if torch.isnan(self.input_min).any() or torch.isnan(self.input_max).any():
+            raise UncalibratedError(
+                f"QuantLinear({self.in_features}->{self.out_features}) uses a_granularity="
+                f"'{self.spec.a_granularity}', whose activation ranges are not calibrated. Run "
+                "`optimum_qap.calibrate(model, processor, samples)` first, or pass `calibration=` in QAPrunerConfig."
+            )
+        self._checked_calibration = True
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Widen the per-channel input range with the tokens of ``x``."""
+        low, high = torch.aminmax(x.detach().float().reshape(-1, self.in_features), dim=0)
+        self.input_min = torch.fmin(self.input_min, low)
+        self.input_max = torch.fmax(self.input_max, high)
+        self._checked_calibration = False
+
+    def reset_observations(self) -> None:
+        self.input_min.fill_(float("nan"))
+        self.input_max.fill_(float("nan"))
+        self._checked_calibration = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+        else:
+            x = self.quantize_input(x)
+        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+
+    def weight_storage_bytes(self) -> int:
+        """Bytes held for the weight: packed codes, scales and zero points (or the float weight)."""
+        names = ("weight_packed", "weight_scale", "weight_zero") if self.spec.packs_weight else ("weight",)
+        return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n, None)) is not None)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        group = "per-channel" if s.w_group_size is None else f"g{s.w_group_size}"
+        act = "off" if s.a_bits >= 16 else f"{s.a_bits}-bit {s.a_granularity}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"weights={s.w_bits}-bit {group}{' sym' if s.w_symmetric else ''}, activations={act}"
+        )

@@ -1,0 +1,153 @@
+"""transformers glue: the `HfQuantizer` that `from_pretrained(..., quantization_config=QAPrunerConfig())` runs."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from torch import nn
+from transformers.core_model_loading import ConversionOps
+from transformers.quantizers.base import HfQuantizer
+
+from .config import QAPrunerConfig
+from .quant.linear import QuantLinear, QuantSpec
+
+
+def model_parts(model: nn.Module) -> dict[str, str]:
+    """Qualified names of the language model, vision tower and projector of a LLaVA-style model."""
+    names = {}
+    for name, _ in model.named_modules():
+        leaf = name.rpartition(".")[2]
+        if leaf in ("language_model", "vision_tower", "multi_modal_projector") and leaf not in names:
+            names[leaf] = name
+    if "language_model" not in names:
+        raise ValueError(
+            f"QAPrunerConfig needs a LLaVA-style model with a `language_model` submodule; "
+            f"{type(model).__name__} has none. Load it with `LlavaForConditionalGeneration`."
+        )
+    return names
+
+
+def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[str]:
+    """Every `nn.Linear` under the selected parts, minus `modules_to_not_convert` (names or name suffixes)."""
+    parts = model_parts(model)
+    roots = [parts["language_model"]]
+    if config.quantize_projector and "multi_modal_projector" in parts:
+        roots.append(parts["multi_modal_projector"])
+    if config.quantize_vision_tower and "vision_tower" in parts:
+        roots.append(parts["vision_tower"])
+    skip = ["lm_head", *(config.modules_to_not_convert or [])]
+    selected = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or not any(name.startswith(root + ".") for root in roots):
+            continue
+        if any(name == s or name.endswith("." + s) or name.startswith(s + ".") for s in skip):
+            continue
+        selected.append(name)
+    return selected
+
+
+def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: bool) -> list[str]:
+    """Swap the selected `nn.Linear` modules for empty `QuantLinear`s of the same shape, dtype and device."""
+    spec = QuantSpec.from_config(config)
+    names = linear_names_to_quantize(model, config)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        quantized = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            spec,
+            dtype=linear.weight.dtype,
+            device=linear.weight.device,
+            awaiting_weight=awaiting_weight,
+        )
+        setattr(parent, child, quantized)
+    return names
+
+
+class PrepareQuantLinear(ConversionOps):
+    """Loading op: turn the float `weight` of a `QuantLinear` into its serialized tensors, one layer at a time."""
+
+    def __init__(self, hf_quantizer: QAPrunerHfQuantizer):
+        self.hf_quantizer = hf_quantizer
+
+    def convert(self, input_dict: dict[str, Any], model=None, missing_keys=None, **kwargs) -> dict[str, Any]:
+        (key, value), = input_dict.items()
+        weight = value[0] if isinstance(value, list) else value
+        prefix = key.rpartition(".")[0]
+        module: QuantLinear = model.get_submodule(prefix)
+        state = module.quantized_state(weight)
+        if module.spec.packs_weight:
+            # The float placeholder only existed to receive this tensor; dropping it keeps it out of memory.
+            del module.weight
+            if missing_keys is not None:
+                missing_keys.discard(key)
+        return {f"{prefix}.{name}": tensor for name, tensor in state.items()}
+
+
+class QAPrunerHfQuantizer(HfQuantizer):
+    """Quantizes the language model's linear layers while weights load and attaches QAPruner token pruning."""
+
+    requires_calibration = False
+    quantization_config: QAPrunerConfig
+
+    def validate_environment(self, *args, device_map=None, **kwargs) -> None:
+        if isinstance(device_map, dict) and "disk" in device_map.values():
+            raise ValueError(
+                "QAPrunerConfig cannot quantize layers offloaded to disk; use a device_map without 'disk'."
+            )
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module_name, _, tensor_name = param_name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            return False
+        return isinstance(module, QuantLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self) -> ConversionOps:
+        return PrepareQuantLinear(self)
+
+    def _process_model_before_weight_loading(self, model, **kwargs):
+        replace_linears(model, self.quantization_config, awaiting_weight=not self.pre_quantized)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        from .hub import push_to_hub
+
+        config = self.quantization_config
+        if not self.pre_quantized and config.base_model is None:
+            config.base_model = model.config.name_or_path or None
+        model.push_to_hub = functools.partial(push_to_hub, model)
+        if not self.pre_quantized and config.calibration is not None:
+            from .calibration import calibrate_from_config
+
+            calibrate_from_config(model)
+        return model
+
+    def is_serializable(self) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    """Name -> `QuantLinear` for every quantized layer of ``model``."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def weight_storage_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes held by quantized weights and by all other parameters and buffers of ``model``."""
+    quantized = quantized_modules(model)
+    quantized_tensors = {id(t) for m in quantized.values() for t in (*m.parameters(), *m.buffers())}
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    rest = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in quantized_tensors)
+    return {"quantized_weights": sum(m.weight_storage_bytes() for m in quantized.values()), "other": rest}
+
