@@ -6,7 +6,9 @@
 
 from transformers.quantizers import auto as _auto
 
+from .calibration import builtin_calibration_samples, calibrate, outlier_report
 from .config import QUANT_METHOD, QAPrunerConfig
+from .pruning import ImageSelection, attach_pruner, compact_processor, last_selection, pruning_disabled
 from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
 from .quantizer import QAPrunerHfQuantizer, quantized_modules, weight_storage_bytes
 
@@ -22,6 +24,14 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "ImageSelection",
+    "attach_pruner",
+    "builtin_calibration_samples",
+    "calibrate",
+    "compact_processor",
+    "last_selection",
+    "outlier_report",
+    "pruning_disabled",
     "QAPrunerConfig",
     "QAPrunerHfQuantizer",
     "QuantLinear",

@@ -125,7 +125,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         error_weight / range_weight: weights of the normalised group-quantization error and range in S^Q.
         sensitivity_group_size: group size of the simulated quantization in S^Q.
         sensitivity_bits: bits of the simulated quantization in S^Q; None uses a_bits (4 when a_bits is 16).
-        clip_text_model: optional CLIP model id whose text tower scores instruction relevance for "cdpruner".
 
     Provenance (filled in by optimum-qap, shown in the model card):
         base_model: the model id the weights were quantized from.
@@ -162,7 +161,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         range_weight: float = 0.5,
         sensitivity_group_size: int = 128,
         sensitivity_bits: int | None = None,
-        clip_text_model: str | None = None,
         base_model: str | None = None,
         calibration_summary: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
@@ -191,7 +189,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.range_weight = range_weight
         self.sensitivity_group_size = sensitivity_group_size
         self.sensitivity_bits = sensitivity_bits
-        self.clip_text_model = clip_text_model
         self.base_model = base_model
         self.calibration_summary = copy.deepcopy(calibration_summary)
         self.post_init()
@@ -233,8 +230,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         _check_positive_int("sensitivity_group_size", self.sensitivity_group_size)
         if self.sensitivity_bits is not None:
             _check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
-        if self.clip_text_model is not None and (not isinstance(self.clip_text_model, str) or not self.clip_text_model):
-            raise _invalid("clip_text_model", self.clip_text_model, "expected a model id or path, or None")
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
             raise _invalid("base_model", self.base_model, "expected a model id or None")
         if self.calibration_summary is not None and not _is_json_object(self.calibration_summary):

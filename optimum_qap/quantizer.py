@@ -10,6 +10,7 @@ from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
 from .config import QAPrunerConfig
+from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
 
 
@@ -49,6 +50,8 @@ def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[s
 
 def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: bool) -> list[str]:
     """Swap the selected `nn.Linear` modules for empty `QuantLinear`s of the same shape, dtype and device."""
+    if not (config.quantizes_weights or config.quantizes_activations):
+        return []  # a plain token pruner
     spec = QuantSpec.from_config(config)
     names = linear_names_to_quantize(model, config)
     for name in names:
@@ -124,6 +127,8 @@ class QAPrunerHfQuantizer(HfQuantizer):
         if not self.pre_quantized and config.base_model is None:
             config.base_model = model.config.name_or_path or None
         model.push_to_hub = functools.partial(push_to_hub, model)
+        if config.prunes:
+            attach_pruner(model, config)
         if not self.pre_quantized and config.calibration is not None:
             from .calibration import calibrate_from_config
 

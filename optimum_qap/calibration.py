@@ -1,0 +1,170 @@
+"""Calibration: per-channel activation ranges of every `QuantLinear`, and the outlier statistics they imply."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from PIL import Image, ImageDraw
+from torch import nn
+from tqdm.auto import tqdm
+
+from .quant.linear import QuantLinear
+
+CALIBRATION_PROMPTS = (
+    "Describe the image in detail.",
+    "What objects are in this picture and where are they?",
+    "What colors do you see?",
+    "How many shapes are there in the image?",
+)
+
+
+@dataclass
+class LayerOutliers:
+    """Calibrated input statistics of one quantized layer."""
+
+    absmax: torch.Tensor  # per input channel, float32
+    median: float
+    outlier_channels: list[int]  # channels whose absmax exceeds outlier_ratio x median
+
+    @property
+    def max_ratio(self) -> float:
+        """Largest channel absmax over the median channel: ~1-3 without outliers, 100s with massive activations."""
+        return float(self.absmax.max()) / max(self.median, 1e-12)
+
+
+def builtin_calibration_samples(num_samples: int, seed: int = 0) -> list[dict]:
+    """Deterministic synthetic image + prompt pairs shipped with the package (no download needed).
+
+    Real data calibrates better: pass your own samples to `calibrate` when you have them.
+    """
+    rng = random.Random(seed)
+    samples = []
+    for index in range(num_samples):
+        background = tuple(rng.randrange(256) for _ in range(3))
+        image = Image.new("RGB", (336, 336), background)
+        draw = ImageDraw.Draw(image)
+        for _ in range(rng.randint(1, 4)):
+            x0, y0 = rng.randrange(0, 260), rng.randrange(0, 260)
+            box = (x0, y0, x0 + rng.randint(30, 76), y0 + rng.randint(30, 76))
+            color = tuple(rng.randrange(256) for _ in range(3))
+            (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=color)
+        samples.append({"image": image, "text": CALIBRATION_PROMPTS[index % len(CALIBRATION_PROMPTS)]})
+    return samples
+
+
+def format_prompt(processor, text: str) -> str:
+    """The prompt with the processor's image placeholder, via its chat template when it has one."""
+    image_token = getattr(processor, "image_token", "<image>")
+    if image_token in text:
+        return text
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True)
+    return f"{image_token}\n{text}"
+
+
+def _load_image(image) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"calibration image {image!r} cannot be read: {error}") from error
+
+
+def model_inputs(model: nn.Module, processor, image, text: str) -> dict[str, torch.Tensor]:
+    """Processor outputs for one image + prompt, on the model's device, pixel values in its dtype."""
+    inputs = processor(images=_load_image(image), text=format_prompt(processor, text), return_tensors="pt")
+    device, dtype = model.device, model.dtype
+    return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+
+
+@contextlib.contextmanager
+def observing(modules: Iterable[QuantLinear]) -> Iterator[None]:
+    """Quantized layers record their input ranges (and skip activation quantization) inside this block."""
+    modules = list(modules)
+    for module in modules:
+        module.observing = True
+    try:
+        yield
+    finally:
+        for module in modules:
+            module.observing = False
+
+
+def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bool = True):
+    """Record per-channel input ranges of every quantized layer over image + prompt ``samples``.
+
+    Each sample is ``{"image": PIL image or path, "text": prompt}``. Runs one sample at a time (no padding
+    tokens pollute the ranges), with quantized weights and unquantized activations, and without token pruning.
+    Replaces earlier calibration. Returns `outlier_report(model)`.
+
+    Example:
+        >>> report = optimum_qap.calibrate(model, processor, optimum_qap.builtin_calibration_samples(8))
+    """
+    from .pruning.patch import pruning_disabled
+
+    modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not modules:
+        raise ValueError("calibrate() needs a model quantized with QAPrunerConfig; this one has no QuantLinear layer.")
+    samples = list(samples)
+    if not samples:
+        raise ValueError("calibrate() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
+    for module in modules:
+        module.reset_observations()
+    start = time.perf_counter()
+    with torch.no_grad(), observing(modules), pruning_disabled(model):
+        for sample in tqdm(samples, desc="Calibrating", disable=not progress):
+            model(**model_inputs(model, processor, sample["image"], sample["text"]))
+    seconds = time.perf_counter() - start
+    config = getattr(model.config, "quantization_config", None)
+    if config is not None and not isinstance(config, dict):
+        source = config.calibration if isinstance(config.calibration, str) else "user samples"
+        config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2)}
+    return outlier_report(model)
+
+
+def calibrate_from_config(model: nn.Module) -> None:
+    """Calibrate on the samples named by ``model.config.quantization_config.calibration``."""
+    from transformers import AutoProcessor
+
+    config = model.config.quantization_config
+    source = config.calibration
+    try:
+        processor = AutoProcessor.from_pretrained(model.config.name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"QAPrunerConfig.calibration needs the processor of {model.config.name_or_path!r} to build inputs, "
+            f"but it could not be loaded ({error}); load the model without `calibration` and call "
+            "`optimum_qap.calibrate(model, processor, samples)` instead."
+        ) from error
+    samples = builtin_calibration_samples(config.num_calibration_samples) if source == "builtin" else source
+    calibrate(model, processor, samples)
+
+
+def outlier_report(model: nn.Module, outlier_ratio: float | None = None) -> dict[str, LayerOutliers]:
+    """Per quantized layer: calibrated per-channel absolute maxima and the channels that are outliers.
+
+    A channel is an outlier when its absmax exceeds ``outlier_ratio`` (default: the config's) times the layer's
+    median channel absmax. Raises `ValueError` when the model has not been calibrated.
+    """
+    if outlier_ratio is None:
+        config = getattr(model.config, "quantization_config", None)
+        outlier_ratio = getattr(config, "outlier_ratio", 20.0)
+    report = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantLinear) or torch.isnan(module.input_min).any():
+            continue
+        absmax = torch.maximum(module.input_min.abs(), module.input_max.abs()).float().cpu()
+        median = float(absmax.median())
+        channels = torch.nonzero(absmax > outlier_ratio * median).flatten().tolist()
+        report[name] = LayerOutliers(absmax=absmax, median=median, outlier_channels=channels)
+    if not report:
+        raise ValueError("outlier_report() found no calibrated layer; run optimum_qap.calibrate(...) first.")
+    return report

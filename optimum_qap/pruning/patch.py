@@ -1,0 +1,322 @@
+"""Wire QAPruner into a LLaVA model: score and select visual tokens, then feed the LLM a shorter sequence.
+
+`attach_pruner` wraps three things on the model instance (the class is untouched, so `save_pretrained` and the
+Auto classes see an ordinary LLaVA model):
+
+- `get_image_features` of the inner `LlavaModel` returns only the kept tokens of each image (K, in spatial order);
+- `forward` drops the placeholders of pruned tokens from `input_ids`, `attention_mask`, `labels` and
+  `position_ids` (re-padding rows that lost a different number of tokens), so outputs cover the shorter sequence;
+- `generate` compacts the prompt once before generation, generates with the kept features, and returns the
+  caller's own prompt followed by the new tokens, so slicing off the prompt works as usual.
+
+Inputs that already hold K placeholders per image (a processor saved with `compact_processor`) pass unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .compaction import compact, is_left_padded, placeholder_keep_mask, positions_from_mask
+from .scoring import (
+    cls_attention_scores,
+    encoder_layer_index,
+    fuse_scores,
+    instruction_relevance,
+    quantization_sensitivity,
+)
+from .selection import dpp_greedy_indices, resolve_budget, topk_indices
+
+
+@dataclass
+class ImageSelection:
+    """Scores of one image's N visual tokens and the K kept (indices into the N, ascending)."""
+
+    kept: torch.Tensor
+    semantic: torch.Tensor
+    sensitivity: torch.Tensor
+    error: torch.Tensor
+    range: torch.Tensor
+    fused: torch.Tensor
+
+
+def _vision_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
+    return getattr(vision_tower, "vision_model", vision_tower).encoder.layers
+
+
+def _has_cls_token(vision_tower: nn.Module) -> bool:
+    return hasattr(getattr(vision_tower, "vision_model", vision_tower).embeddings, "class_embedding")
+
+
+class TokenPruner:
+    """Scores visual tokens (semantic relevance fused with quantization sensitivity) and keeps the top K."""
+
+    def __init__(self, model: nn.Module, config):
+        self.config = config
+        self.base = model.model
+        self.enabled = True
+        self.last: list[ImageSelection] = []
+        llava_config = model.config
+        if config.semantic == "cls_attention":
+            if not _has_cls_token(self.base.vision_tower):
+                raise ValueError(
+                    f"QAPrunerConfig.semantic='cls_attention' needs a vision tower with a [CLS] token; "
+                    f"{type(self.base.vision_tower).__name__} has none (e.g. SigLIP). Use semantic='cdpruner'."
+                )
+            if llava_config.vision_feature_select_strategy != "default":
+                raise ValueError(
+                    "QAPrunerConfig.semantic='cls_attention' needs vision_feature_select_strategy='default' (the "
+                    f"[CLS] token dropped from the features); this model uses "
+                    f"'{llava_config.vision_feature_select_strategy}'. Use semantic='cdpruner'."
+                )
+        self.image_token_id = llava_config.image_token_id
+
+    def budget(self, num_tokens: int) -> int:
+        return resolve_budget(num_tokens, self.config.keep_ratio, self.config.keep_tokens)
+
+    def semantic_scores(self, features: torch.Tensor, layer_input, text_embeds: list[torch.Tensor]) -> torch.Tensor:
+        if self.config.semantic == "cls_attention":
+            return cls_attention_scores(layer_input, self._feature_encoder_layer())
+        return torch.stack([instruction_relevance(f, t) for f, t in zip(features, text_embeds, strict=True)])
+
+    def _feature_layer_index(self) -> int:
+        layer = self.base.config.vision_feature_layer
+        layer = max(layer) if isinstance(layer, (list, tuple)) else layer
+        layers = _vision_encoder_layers(self.base.vision_tower)
+        return encoder_layer_index(layer, len(layers))
+
+    def _feature_encoder_layer(self) -> nn.Module:
+        return _vision_encoder_layers(self.base.vision_tower)[self._feature_layer_index()]
+
+    def select(self, features: torch.Tensor, layer_input, text_embeds) -> list[ImageSelection]:
+        """Score [num_images, N, D] projector outputs and choose K tokens per image."""
+        cfg = self.config
+        semantic = self.semantic_scores(features, layer_input, text_embeds)
+        sens = quantization_sensitivity(
+            features, cfg.sensitivity_group_size, cfg.scoring_bits, cfg.error_weight, cfg.range_weight
+        )
+        fused = fuse_scores(semantic, sens.sensitivity, cfg.alpha)
+        k = self.budget(features.shape[1])
+        selections = []
+        for index in range(features.shape[0]):
+            if cfg.selection == "dpp":
+                kept = dpp_greedy_indices(features[index], fused[index], k)
+            else:
+                kept = topk_indices(fused[index], k)
+            selections.append(
+                ImageSelection(kept, semantic[index], sens.sensitivity[index], sens.error[index], sens.range[index],
+                               fused[index])
+            )
+        return selections
+
+    def encode(self, get_image_features, pixel_values, input_ids, attention_mask, **kwargs):
+        """Run the vision path once; return image outputs holding only the kept features, and the selections."""
+        captured = {}
+        hook = None
+        if self.config.semantic == "cls_attention":
+            def capture(_module, args, kw):
+                captured["input"] = args[0] if args else kw["hidden_states"]
+
+            hook = self._feature_encoder_layer().register_forward_pre_hook(capture, with_kwargs=True)
+        try:
+            outputs = get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+        finally:
+            if hook is not None:
+                hook.remove()
+        features = torch.stack(list(outputs.pooler_output))
+        text_embeds = self._instruction_embeddings(input_ids, attention_mask, features.shape[0], features.shape[1])
+        selections = self.select(features, captured.get("input"), text_embeds)
+        outputs.pooler_output = [f[s.kept] for f, s in zip(features, selections, strict=True)]
+        self.last = selections
+        return outputs, selections
+
+    def _instruction_embeddings(self, input_ids, attention_mask, num_images: int, num_tokens: int):
+        if self.config.semantic != "cdpruner":
+            return None
+        if input_ids is None:
+            raise ValueError("QAPrunerConfig.semantic='cdpruner' needs input_ids to read the instruction.")
+        rows = image_rows(input_ids, self.image_token_id, num_images, num_tokens, self.budget(num_tokens))
+        text = input_ids != self.image_token_id
+        if attention_mask is not None:
+            text &= attention_mask.bool()
+        embed = self.base.get_input_embeddings()
+        return [embed(input_ids[row][text[row]]) for row in rows.tolist()]
+
+
+def image_rows(input_ids: torch.Tensor, image_token_id: int, num_images: int, full: int, kept: int) -> torch.Tensor:
+    """Batch row of each image, from the placeholders (N or K of them per image)."""
+    per_row = (input_ids == image_token_id).sum(1)
+    total = int(per_row.sum())
+    per_image = full if total == num_images * full else kept
+    if total != num_images * per_image:
+        raise ValueError(
+            f"Image features and image tokens do not match: {num_images} image(s) need {num_images * full} "
+            f"placeholders (or {num_images * kept} after pruning), the input has {total}."
+        )
+    return torch.repeat_interleave(torch.arange(input_ids.shape[0], device=input_ids.device), per_row // per_image)
+
+
+def _kept_mask(selections: list[ImageSelection], num_tokens: int, device) -> torch.Tensor:
+    mask = torch.zeros(len(selections), num_tokens, dtype=torch.bool, device=device)
+    for index, selection in enumerate(selections):
+        mask[index, selection.kept] = True
+    return mask
+
+
+def compact_inputs(pruner: TokenPruner, selections, num_tokens: int, input_ids, attention_mask, extra):
+    """Drop pruned placeholders when the input holds all N per image; a no-op when it holds K already."""
+    kept_total = sum(len(s.kept) for s in selections)
+    if int((input_ids == pruner.image_token_id).sum()) == kept_total:
+        return input_ids, attention_mask, extra
+    keep = placeholder_keep_mask(input_ids, pruner.image_token_id, _kept_mask(selections, num_tokens, input_ids.device))
+    pad_id = pruner.base.config.text_config.pad_token_id
+    fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "labels": -100}
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+    result = compact(keep, tensors, fills, is_left_padded(attention_mask))
+    padding = result.pop("padding")
+    if result["attention_mask"] is None and bool(padding.any()):
+        result["attention_mask"] = (~padding).long()
+    return result.pop("input_ids"), result.pop("attention_mask"), result
+
+
+def _encode_and_compact(model, pixel_values, input_ids, attention_mask, extra, vision_kwargs):
+    pruner: TokenPruner = model.qap_pruner
+    if input_ids is None:
+        raise ValueError("QAPruner token pruning needs input_ids to locate the image placeholders.")
+    outputs, selections = pruner.encode(
+        model._qap_original["get_image_features"], pixel_values, input_ids, attention_mask, **vision_kwargs
+    )
+    num_tokens = len(selections[0].semantic)
+    input_ids, attention_mask, extra = compact_inputs(
+        pruner, selections, num_tokens, input_ids, attention_mask, extra
+    )
+    return outputs, input_ids, attention_mask, extra
+
+
+_VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+
+
+def pruned_forward(model, *args, **kwargs):
+    pruner: TokenPruner = model.qap_pruner
+    original = model._qap_original["forward"]
+    if len(args) == 1 and "input_ids" not in kwargs:
+        kwargs["input_ids"], args = args[0], ()
+    if args or not pruner.enabled or kwargs.get("pixel_values") is None:
+        return original(*args, **kwargs)
+    pixel_values = kwargs.pop("pixel_values")
+    input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
+    had_positions = kwargs.get("position_ids") is not None
+    extra = {"labels": kwargs.pop("labels", None)}
+    vision_kwargs = {k: kwargs[k] for k in _VISION_KWARGS if kwargs.get(k) is not None}
+    outputs, input_ids, attention_mask, extra = _encode_and_compact(
+        model, pixel_values, input_ids, attention_mask, extra, vision_kwargs
+    )
+    if had_positions:
+        # positions stay contiguous over the shorter sequence, as when LLaVA is fed fewer image tokens
+        kwargs["position_ids"] = (
+            positions_from_mask(attention_mask)
+            if attention_mask is not None
+            else torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        )
+    return original(
+        input_ids=input_ids, attention_mask=attention_mask, mm_encoder_outputs={"image": outputs}, **extra, **kwargs
+    )
+
+
+def pruned_generate(model, inputs=None, **kwargs):
+    pruner: TokenPruner = model.qap_pruner
+    original = model._qap_original["generate"]
+    input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+    if not pruner.enabled or kwargs.get("pixel_values") is None or input_ids is None:
+        return original(inputs, **kwargs)
+    kwargs.pop("input_ids", None)
+    pixel_values = kwargs.pop("pixel_values")
+    attention_mask = kwargs.pop("attention_mask", None)
+    vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if kwargs.get(k) is not None}
+    outputs, compact_ids, compact_mask, _ = _encode_and_compact(
+        model, pixel_values, input_ids, attention_mask, {}, vision_kwargs
+    )
+    result = original(
+        input_ids=compact_ids, attention_mask=compact_mask, mm_encoder_outputs={"image": outputs}, **kwargs
+    )
+    return _restore_prompt(result, input_ids, compact_ids.shape[1])
+
+
+def _restore_prompt(result, prompt: torch.Tensor, compact_length: int):
+    """Put the caller's prompt back in front of the generated tokens."""
+    sequences = result if isinstance(result, torch.Tensor) else result.sequences
+    repeats = sequences.shape[0] // prompt.shape[0]
+    restored = torch.cat((prompt.repeat_interleave(repeats, dim=0), sequences[:, compact_length:]), dim=1)
+    if isinstance(result, torch.Tensor):
+        return restored
+    result.sequences = restored
+    return result
+
+
+def pruned_image_features(model, pixel_values, **kwargs):
+    """`get_image_features` returning only the kept tokens of each image."""
+    pruner: TokenPruner = model.qap_pruner
+    original = model._qap_original["get_image_features"]
+    if not pruner.enabled:
+        return original(pixel_values=pixel_values, **kwargs)
+    outputs, _ = pruner.encode(original, pixel_values, None, None, **kwargs)
+    return outputs
+
+
+def attach_pruner(model: nn.Module, config) -> TokenPruner:
+    """Make ``model`` prune visual tokens per ``config`` (idempotent: a second call replaces the settings)."""
+    if not hasattr(model, "model") or not hasattr(model.model, "get_image_features"):
+        raise ValueError(f"QAPruner token pruning needs a LLaVA model; got {type(model).__name__}.")
+    pruner = TokenPruner(model, config)
+    if not hasattr(model, "_qap_original"):
+        model._qap_original = {
+            "forward": model.forward,
+            "generate": model.generate,
+            "get_image_features": model.model.get_image_features,
+        }
+        model.forward = functools.partial(pruned_forward, model)
+        model.generate = functools.partial(pruned_generate, model)
+        model.model.get_image_features = functools.partial(pruned_image_features, model)
+    model.qap_pruner = pruner
+    return pruner
+
+
+def last_selection(model: nn.Module) -> list[ImageSelection]:
+    """Kept indices and S^P, S^Q, E', R', S of every image in the model's last pruned call."""
+    pruner = getattr(model, "qap_pruner", None)
+    if pruner is None:
+        raise ValueError("This model does not prune visual tokens; load it with QAPrunerConfig(keep_ratio<1).")
+    return pruner.last
+
+
+@contextlib.contextmanager
+def pruning_disabled(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` on all visual tokens inside this block (a no-op for models that do not prune)."""
+    pruner = getattr(model, "qap_pruner", None)
+    if pruner is None:
+        yield
+        return
+    previous, pruner.enabled = pruner.enabled, False
+    try:
+        yield
+    finally:
+        pruner.enabled = previous
+
+
+def compact_processor(processor, model: nn.Module):
+    """A copy of ``processor`` that emits K placeholders per image instead of N (save it beside the model)."""
+    import copy
+
+    pruner: TokenPruner = model.qap_pruner
+    vision = model.config.vision_config
+    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    compact_copy = copy.deepcopy(processor)
+    # LlavaProcessor emits (H/p)*(W/p) + num_additional_image_tokens - 1 placeholders for the "default" strategy
+    offset = 1 if compact_copy.vision_feature_select_strategy == "default" else 0
+    compact_copy.num_additional_image_tokens = pruner.budget(num_tokens) - num_tokens + offset
+    return compact_copy

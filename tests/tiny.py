@@ -1,0 +1,136 @@
+"""Tiny LLaVA models and processors built from configs (random weights, no download) for the tests."""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+WORDS = [
+    "USER",
+    "ASSISTANT",
+    ":",
+    "what",
+    "is",
+    "in",
+    "the",
+    "image",
+    "describe",
+    "colors",
+    "how",
+    "many",
+    "shapes",
+    "are",
+    "there",
+    "?",
+    ".",
+    ",",
+    "red",
+    "green",
+    "blue",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "circle",
+    "square",
+    "a",
+    "an",
+    "of",
+    "picture",
+    "objects",
+    "where",
+    "do",
+    "you",
+    "see",
+    "and",
+    "detail",
+]
+SPECIALS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
+VOCAB = {token: index for index, token in enumerate((*SPECIALS, *dict.fromkeys(WORDS)))}
+IMAGE_TOKEN_ID = VOCAB["<image>"]
+PAD_TOKEN_ID = VOCAB["<pad>"]
+
+
+def tiny_config(hidden: int = 64, layers: int = 2, vision_hidden: int = 32) -> LlavaConfig:
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(VOCAB),
+        max_position_embeddings=256,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=VOCAB["<s>"],
+        eos_token_id=VOCAB["</s>"],
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=NUM_PATCHES,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+
+
+def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(tiny_config(**kwargs)).eval()
+    model.generation_config.pad_token_id = PAD_TOKEN_ID
+    return model
+
+
+def tiny_processor() -> LlavaProcessor:
+    tokenizer = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB["<s>"])])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def save_tiny(folder, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> str:
+    """Save a tiny LLaVA and its processor to ``folder`` (as a Hub repo would hold them)."""
+    tiny_llava(seed, **kwargs).to(dtype).save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    return str(folder)
