@@ -6,7 +6,6 @@ import os
 import pytest
 import tiny
 import torch
-from PIL import Image
 from safetensors import safe_open
 from torch import nn
 from transformers import LlavaForConditionalGeneration
@@ -25,7 +24,7 @@ def load(repo, dtype=torch.float32, **config):
 
 def sample_inputs(dtype=torch.float32, seed=0):
     processor = tiny.tiny_processor()
-    image = Image.effect_noise((56, 56), 40 + seed).convert("RGB")
+    image = tiny.noise_image(seed)
     inputs = processor(images=image, text="USER: <image>\ndescribe the image . ASSISTANT:", return_tensors="pt")
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
@@ -138,7 +137,7 @@ def test_static_modes_need_calibration_and_keep_it_across_save(tiny_repo, tmp_pa
 
 def test_calibration_named_in_the_config_runs_in_from_pretrained(tiny_repo, tmp_path):
     image = tmp_path / "cat.png"
-    Image.effect_noise((56, 56), 30).convert("RGB").save(image)
+    tiny.noise_image(30).save(image)
     samples = [{"image": str(image), "text": "what is in the image ?"}]
     model = load(tiny_repo, a_granularity="static_per_channel", calibration=samples)
     model(**sample_inputs())  # calibrated: no error

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPImageProcessor,
@@ -127,6 +128,12 @@ def tiny_processor() -> LlavaProcessor:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def noise_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:
+    """A deterministic RGB noise image (PIL's effect_noise is not seeded)."""
+    pixels = torch.randint(0, 256, (size, size, 3), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
+    return Image.frombytes("RGB", (size, size), bytes(pixels.flatten().tolist()))
 
 
 def save_tiny(folder, seed: int = 0, dtype: torch.dtype = torch.float32, **kwargs) -> str:
