@@ -10,6 +10,9 @@ from torch import nn
 from . import functional as qf
 from .packing import pack_codes, packed_length, unpack_codes
 
+# elements quantized at once: bounds the float32 temporaries (~64 MB each) whatever the layer size
+QUANTIZE_BLOCK_ELEMENTS = 2**24
+
 
 @dataclass(frozen=True)
 class QuantSpec:
@@ -115,12 +118,19 @@ class QuantLinear(nn.Module):
                  for name in ("input_min", "input_max")}
         if not self.spec.packs_weight:
             return {"weight": weight, **state}
-        codes = qf.quantize_weight(weight, self.spec.w_bits, self.weight_group_size, self.spec.w_symmetric)
-        state["weight_packed"] = pack_codes(codes.codes, self.spec.w_bits)
-        state["weight_scale"] = codes.scale.to(self.weight_scale.dtype)
-        if codes.zero is not None:
-            state["weight_zero"] = codes.zero
+        rows_per_block = max(1, QUANTIZE_BLOCK_ELEMENTS // self.in_features)
+        blocks = [self._quantize_rows(rows) for rows in weight.split(rows_per_block)]
+        for name in blocks[0]:
+            state[name] = torch.cat([block[name] for block in blocks])
         return state
+
+    def _quantize_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        codes = qf.quantize_weight(rows, self.spec.w_bits, self.weight_group_size, self.spec.w_symmetric)
+        block = {"weight_packed": pack_codes(codes.codes, self.spec.w_bits),
+                 "weight_scale": codes.scale.to(self.weight_scale.dtype)}
+        if codes.zero is not None:
+            block["weight_zero"] = codes.zero
+        return block
 
     def dequantized_weight(self) -> torch.Tensor:
         if not self.spec.packs_weight:

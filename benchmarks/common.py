@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: LLaVA-1.5-7B-shaped models with a truncated decoder, timing, memory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+import transformers
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+IMAGE_TOKEN_ID = 32000
+
+
+def llava_7b_config(decoder_layers: int) -> LlavaConfig:
+    """llava-hf/llava-1.5-7b-hf shapes (CLIP ViT-L/14-336, Vicuna-7B), the decoder cut to ``decoder_layers``."""
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=decoder_layers,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, image_seq_length=576,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def save_llava_7b_shaped(folder: str, decoder_layers: int, dtype: torch.dtype = torch.bfloat16) -> str:
+    """Write the random-weight model once; later runs reuse the folder."""
+    if not os.path.exists(os.path.join(folder, "config.json")):
+        torch.manual_seed(0)
+        model = LlavaForConditionalGeneration._from_config(llava_7b_config(decoder_layers), dtype=dtype)
+        model.save_pretrained(folder)
+    return folder
+
+
+def folder_bytes(folder: str) -> int:
+    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder) if name.endswith(".safetensors"))
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; ru_maxrss would carry the parent's peak across fork/exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes_by_part(folder: str) -> dict[str, int]:
+    """Bytes in the folder's safetensors of decoder layers vs everything else."""
+    from safetensors import safe_open
+
+    parts = {"decoder_layers": 0, "rest": 0}
+    for name in os.listdir(folder):
+        if name.endswith(".safetensors"):
+            with safe_open(os.path.join(folder, name), "pt") as checkpoint:
+                for key in checkpoint.keys():
+                    tensor = checkpoint.get_slice(key)
+                    size = torch.empty(0, dtype=_DTYPES[tensor.get_dtype()]).element_size()
+                    count = 1
+                    for dim in tensor.get_shape():
+                        count *= dim
+                    part = "decoder_layers" if ".layers." in key and "language_model" in key else "rest"
+                    parts[part] += count * size
+    return parts
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8, "I64": torch.int64}
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def machine() -> dict:
+    return {
+        "machine": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
