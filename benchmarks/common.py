@@ -17,13 +17,35 @@ IMAGE_TOKEN_ID = 32000
 
 def llava_7b_config(decoder_layers: int) -> LlavaConfig:
     """llava-hf/llava-1.5-7b-hf shapes (CLIP ViT-L/14-336, Vicuna-7B), the decoder cut to ``decoder_layers``."""
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
-    text = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=decoder_layers,
-                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
-                       max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=0)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID, image_seq_length=576,
-                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=336,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=decoder_layers,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        pad_token_id=0,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=IMAGE_TOKEN_ID,
+        image_seq_length=576,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
 
 
 def save_llava_7b_shaped(folder: str, decoder_layers: int, dtype: torch.dtype = torch.bfloat16) -> str:
@@ -36,7 +58,9 @@ def save_llava_7b_shaped(folder: str, decoder_layers: int, dtype: torch.dtype = 
 
 
 def folder_bytes(folder: str) -> int:
-    return sum(os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder) if name.endswith(".safetensors"))
+    return sum(
+        os.path.getsize(os.path.join(folder, name)) for name in os.listdir(folder) if name.endswith(".safetensors")
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -56,7 +80,7 @@ def tensor_bytes_by_part(folder: str) -> dict[str, int]:
     for name in os.listdir(folder):
         if name.endswith(".safetensors"):
             with safe_open(os.path.join(folder, name), "pt") as checkpoint:
-                for key in checkpoint.keys():
+                for key in checkpoint.keys():  # noqa: SIM118 (safe_open is not a dict)
                     tensor = checkpoint.get_slice(key)
                     size = torch.empty(0, dtype=_DTYPES[tensor.get_dtype()]).element_size()
                     count = 1

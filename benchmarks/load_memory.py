@@ -40,7 +40,9 @@ def measure(mode: str, folder: str, output: str | None) -> dict:
 
 
 def run_child(mode: str, folder: str, output: str | None) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--workdir", folder] + (["--output", output] if output else [])
+    command = [sys.executable, __file__, "--child", mode, "--workdir", folder] + (
+        ["--output", output] if output else []
+    )
     completed = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -71,7 +73,8 @@ def main() -> None:
         "checkpoint_ratio": qap["checkpoint_bytes"] / bf16_bytes,
         "decoder_layer_ratio": per_layer_qap / per_layer_bf16,
         # arithmetic on the measured parts, not a measurement: the same model with all 32 decoder layers
-        "extrapolated_32_layer_ratio": (qap_parts["rest"] + 32 * per_layer_qap) / (bf16_parts["rest"] + 32 * per_layer_bf16),
+        "extrapolated_32_layer_ratio": (qap_parts["rest"] + 32 * per_layer_qap)
+        / (bf16_parts["rest"] + 32 * per_layer_bf16),
         "plain_load_peak_rss_gib": plain["peak_rss"] / 2**30,
         "qap_load_peak_rss_gib": qap["peak_rss"] / 2**30,
         "qap_peak_rss_over_bf16_checkpoint": qap["peak_rss"] / bf16_bytes,

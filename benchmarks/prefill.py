@@ -54,8 +54,10 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         return original_features(pixel_values=pixel_values, return_dict=True)
 
     with torch.inference_mode():
-        seconds = {name: median_seconds(fn, repeats) for name, fn in
-                   [("pruned", pruned), ("unpruned", unpruned), ("ideal", ideal), ("vision_only", vision_only)]}
+        seconds = {
+            name: median_seconds(fn, repeats)
+            for name, fn in [("pruned", pruned), ("unpruned", unpruned), ("ideal", ideal), ("vision_only", vision_only)]
+        }
     return {
         "keep_ratio": keep_ratio,
         "kept_tokens": keep,
@@ -85,8 +87,7 @@ def main() -> None:
         folder, dtype=dtype, device_map=device, quantization_config=optimum_qap.QAPrunerConfig()
     )
     rows = [time_prefill(model, float(r), args.repeats, dtype) for r in args.keep_ratios.split(",")]
-    print(json.dumps({**machine(), "dtype": args.dtype, "decoder_layers": args.decoder_layers, "rows": rows},
-                     indent=2))
+    print(json.dumps({**machine(), "dtype": args.dtype, "decoder_layers": args.decoder_layers, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
