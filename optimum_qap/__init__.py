@@ -10,7 +10,7 @@ from .calibration import builtin_calibration_samples, calibrate, outlier_report
 from .config import QUANT_METHOD, QAPrunerConfig
 from .pruning import ImageSelection, attach_pruner, compact_processor, last_selection, pruning_disabled
 from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
-from .quantizer import QAPrunerHfQuantizer, quantized_modules, weight_storage_bytes
+from .quantizer import QAPrunerHfQuantizer, cache_dequantized_weights, quantized_modules, weight_storage_bytes
 
 
 def _register() -> None:
@@ -27,6 +27,7 @@ __all__ = [
     "ImageSelection",
     "attach_pruner",
     "builtin_calibration_samples",
+    "cache_dequantized_weights",
     "calibrate",
     "compact_processor",
     "last_selection",

@@ -148,6 +148,12 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
 
 
+def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:
+    """Trade memory for speed: every `QuantLinear` keeps its dequantized weight between calls (not saved)."""
+    for module in quantized_modules(model).values():
+        module.cache_dequantized_weight(enabled)
+
+
 def weight_storage_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes held by quantized weights and by all other parameters and buffers of ``model``."""
     quantized = quantized_modules(model)

@@ -184,3 +184,17 @@ def test_non_llava_model_gets_a_clear_error(tmp_path):
                                  vocab_size=50)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="LLaVA-style model"):
         LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=QAPrunerConfig())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_load_matches_cpu(tiny_repo, dtype):
+    cuda = LlavaForConditionalGeneration.from_pretrained(
+        tiny_repo, dtype=dtype, device_map="cuda", quantization_config=QAPrunerConfig(**NO_PRUNING)
+    )
+    cpu = load(tiny_repo, dtype=dtype)
+    assert cuda.model.language_model.layers[0].mlp.up_proj.weight_packed.device.type == "cuda"
+    inputs = sample_inputs(dtype)
+    expected = cpu(**inputs).logits.float()
+    got = cuda(**{k: v.cuda() for k, v in inputs.items()}).logits.float().cpu()
+    torch.testing.assert_close(got, expected, rtol=0.05, atol=0.05)

@@ -63,13 +63,13 @@ def hand_compacted(model, inputs):
     embed = model.get_input_embeddings()
     embeds, masks = [], []
     for tokens, image_pieces in rows:
-        ids = torch.tensor([tiny.PAD_TOKEN_ID] * (length - len(tokens)) + tokens)
+        ids = torch.tensor([tiny.PAD_TOKEN_ID] * (length - len(tokens)) + tokens, device=embed.weight.device)
         row = embed(ids).clone()
         slots = (ids == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
         if image_pieces:
             row[slots] = torch.cat(image_pieces).to(row.dtype)
         embeds.append(row)
-        masks.append(torch.tensor([0] * (length - len(tokens)) + [1] * len(tokens)))
+        masks.append(torch.tensor([0] * (length - len(tokens)) + [1] * len(tokens), device=embed.weight.device))
     return torch.stack(embeds), torch.stack(masks)
 
 
@@ -239,3 +239,17 @@ def test_vision_tower_without_cls_token_is_refused(tmp_path):
     assert last_selection(load(tmp_path, semantic="cdpruner")) == []
     assert isinstance(config.vision_config, SiglipVisionConfig) and not isinstance(config.vision_config,
                                                                                      CLIPVisionConfig)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_generate_matches_reference(tiny_repo):
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_repo, dtype=torch.bfloat16, device_map="cuda", quantization_config=QAPrunerConfig(keep_ratio=0.25)
+    )
+    inputs = {k: v.cuda() for k, v in batch().items()}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    embeds, mask = hand_compacted(model, inputs)
+    with pruning_disabled(model):
+        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert torch.equal(new_tokens(generated, inputs), expected)

@@ -159,3 +159,14 @@ def test_observe_widens_ranges_and_skips_activation_quantization():
     assert torch.equal(layer.input_min, both.amin(0)) and torch.equal(layer.input_max, both.amax(0))
     dequantized = layer.dequantized_weight()
     torch.testing.assert_close(out, a @ dequantized.T + linear.bias.detach())
+
+
+def test_cached_dequantized_weight_gives_identical_outputs_and_is_not_saved():
+    _, layer = make_layer(QuantSpec(w_bits=4, w_group_size=8))
+    x = torch.randn(3, 40)
+    expected = layer(x)
+    layer.cache_dequantized_weight(True)
+    assert torch.equal(layer(x), expected) and torch.equal(layer(x), expected)
+    assert layer._cached_weight is not None and "_cached_weight" not in layer.state_dict()
+    layer.cache_dequantized_weight(False)
+    assert layer._cached_weight is None

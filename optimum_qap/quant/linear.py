@@ -70,6 +70,8 @@ class QuantLinear(nn.Module):
         self.spec = spec
         self.observing = False
         self._checked_calibration = False
+        self._cache_weight = False
+        self._cached_weight: torch.Tensor | None = None
         if spec.packs_weight:
             groups = self.num_weight_groups
             codes_shape = (out_features, packed_length(in_features, spec.w_bits))
@@ -141,6 +143,18 @@ class QuantLinear(nn.Module):
             codes, self.weight_scale, zero, self.spec.w_bits, self.weight_group_size, self.weight_scale.dtype
         )
 
+    def cache_dequantized_weight(self, enabled: bool = True) -> None:
+        """Keep the dequantized weight between calls: faster decoding, at the memory cost of a float weight."""
+        self._cache_weight = enabled
+        self._cached_weight = None
+
+    def _weight_for_matmul(self, dtype: torch.dtype) -> torch.Tensor:
+        if not self._cache_weight:
+            return self.dequantized_weight().to(dtype)
+        if self._cached_weight is None or self._cached_weight.dtype != dtype:
+            self._cached_weight = self.dequantized_weight().to(dtype)
+        return self._cached_weight
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.a_bits >= 16:
@@ -183,7 +197,7 @@ class QuantLinear(nn.Module):
             self.observe(x)
         else:
             x = self.quantize_input(x)
-        return nn.functional.linear(x, self.dequantized_weight().to(x.dtype), self.bias)
+        return nn.functional.linear(x, self._weight_for_matmul(x.dtype), self.bias)
 
     def weight_storage_bytes(self) -> int:
         """Bytes held for the weight: packed codes, scales and zero points (or the float weight)."""
