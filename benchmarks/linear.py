@@ -76,14 +76,14 @@ def main() -> None:
                 layers.update(peer_layers(linear))
             for tokens in map(int, args.tokens.split(",")):
                 x = torch.randn(1, tokens, in_features, device=device, dtype=dtype)
-                base = median_seconds(lambda: linear(x), args.repeats)
+                base = median_seconds(lambda linear=linear, x=x: linear(x), args.repeats)
                 row = {"shape": f"{in_features}x{out_features}", "tokens": tokens, "linear_ms": base * 1e3}
                 for name, layer in layers.items():
                     if isinstance(layer, str):
                         row[name] = layer
                         continue
                     try:
-                        row[name] = median_seconds(lambda layer=layer: layer(x), args.repeats) / base
+                        row[name] = median_seconds(lambda layer=layer, x=x: layer(x), args.repeats) / base
                     except Exception as error:  # noqa: BLE001
                         row[name] = f"failed: {type(error).__name__}: {error}"[:160]
                 rows.append(row)

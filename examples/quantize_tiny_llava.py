@@ -17,10 +17,22 @@ from optimum_qap import QAPrunerConfig
 
 
 def tiny_llava_config() -> LlavaConfig:
-    vision = CLIPVisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
-                              image_size=224, patch_size=14)
-    text = LlamaConfig(hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-                       num_key_value_heads=8, vocab_size=1000)
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=14,
+    )
+    text = LlamaConfig(
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=1000,
+    )
     return LlavaConfig(vision_config=vision, text_config=text, image_token_id=999, image_seq_length=256)
 
 
