@@ -113,3 +113,32 @@ def machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
     }
+
+
+def llava_7b_processor():
+    """A LlavaProcessor for the 7B-shaped model: CLIP 336 px image processing, a word-level tokenizer with the
+    model's vocabulary size and `<image>` at id 32000 (prompt words map to `<unk>`: only lengths matter here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    specials = {0: "<unk>", 1: "<s>", 2: "</s>", IMAGE_TOKEN_ID: "<image>"}
+    vocab = {specials.get(i, f"w{i}"): i for i in range(32064)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        unk_token="<unk>",
+        pad_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=fast,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
