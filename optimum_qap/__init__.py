@@ -8,7 +8,14 @@ from transformers.quantizers import auto as _auto
 
 from .calibration import builtin_calibration_samples, calibrate, outlier_report
 from .config import QUANT_METHOD, QAPrunerConfig
-from .pruning import ImageSelection, attach_pruner, compact_processor, last_selection, pruning_disabled
+from .pruning import (
+    ImageSelection,
+    attach_pruner,
+    compact_processor,
+    last_selection,
+    pruning_disabled,
+    select_fusion,
+)
 from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
 from .quantizer import QAPrunerHfQuantizer, cache_dequantized_weights, quantized_modules, weight_storage_bytes
 
@@ -33,6 +40,7 @@ __all__ = [
     "last_selection",
     "outlier_report",
     "pruning_disabled",
+    "select_fusion",
     "QAPrunerConfig",
     "QAPrunerHfQuantizer",
     "QuantLinear",

@@ -103,7 +103,9 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
 
     Each sample is ``{"image": PIL image or path, "text": prompt}``. Runs one sample at a time (no padding
     tokens pollute the ranges), with quantized weights and unquantized activations, and without token pruning.
-    Replaces earlier calibration. Returns `outlier_report(model)`.
+    Also records the medians of the visual tokens' range and group-quantization error (the reference for
+    `fusion="outlier_slots"`). Replaces earlier calibration. Returns `outlier_report(model)` (empty for a model
+    that prunes without quantizing).
 
     Example:
         >>> report = optimum_qap.calibrate(model, processor, optimum_qap.builtin_calibration_samples(8))
@@ -111,27 +113,73 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
     from .pruning.patch import pruning_disabled
 
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if not modules:
-        raise ValueError("calibrate() needs a model quantized with QAPrunerConfig; this one has no QuantLinear layer.")
+    config = getattr(model.config, "quantization_config", None)
+    if not modules and not hasattr(model, "qap_pruner"):
+        raise ValueError(
+            "calibrate() needs a model loaded with QAPrunerConfig; this one has no QuantLinear layer and no pruner."
+        )
     samples = list(samples)
     if not samples:
         raise ValueError("calibrate() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
     for module in modules:
         module.reset_observations()
     start = time.perf_counter()
-    with torch.no_grad(), observing(modules), pruning_disabled(model):
+    token_stats = []
+    with torch.no_grad(), observing(modules), pruning_disabled(model), recording_visual_tokens(model, token_stats):
         for sample in tqdm(samples, desc="Calibrating", disable=not progress):
             model(**model_inputs(model, processor, sample["image"], sample["text"]))
     seconds = time.perf_counter() - start
-    config = getattr(model.config, "quantization_config", None)
     if config is not None and not isinstance(config, dict):
         source = config.calibration if isinstance(config.calibration, str) else "user samples"
         config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2)}
-    return outlier_report(model)
+        config.token_statistics = visual_token_statistics(token_stats, config)
+    return outlier_report(model) if modules else {}
+
+
+@contextlib.contextmanager
+def recording_visual_tokens(model: nn.Module, store: list) -> Iterator[None]:
+    """Collect the projector outputs (the visual tokens the language model sees) of every forward."""
+    projector = getattr(getattr(model, "model", model), "multi_modal_projector", None)
+    if projector is None:
+        yield
+        return
+    handle = projector.register_forward_hook(lambda _m, _i, output: store.append(output.detach().flatten(0, -2)))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def visual_token_statistics(token_batches: list[torch.Tensor], config) -> dict[str, float] | None:
+    """Median and max of the visual tokens' channel range and group-quantization error."""
+    from .pruning.scoring import channel_range, group_quant_error
+
+    if not token_batches:
+        return None
+    tokens = torch.cat([t.float() for t in token_batches])
+    value_range = channel_range(tokens)
+    error = group_quant_error(tokens, config.sensitivity_group_size, config.scoring_bits)
+    return {
+        "tokens": tokens.shape[0],
+        "range_median": float(value_range.median()),
+        "range_max": float(value_range.max()),
+        "error_median": float(error.median()),
+        "error_max": float(error.max()),
+    }
 
 
 def calibrate_from_config(model: nn.Module) -> None:
-    """Calibrate on the samples named by ``model.config.quantization_config.calibration``."""
+    """Calibrate on the samples named by the config, then choose its "auto" values on the same samples."""
+    from .pruning.auto import select_fusion
+
+    processor, samples = config_samples(model)
+    calibrate(model, processor, samples)
+    if model.config.quantization_config.needs_auto_selection:
+        select_fusion(model, processor, samples)
+
+
+def config_samples(model: nn.Module) -> tuple[object, list[dict]]:
+    """The model's processor and the calibration samples its config names."""
     from transformers import AutoProcessor
 
     config = model.config.quantization_config
@@ -145,7 +193,7 @@ def calibrate_from_config(model: nn.Module) -> None:
             "`optimum_qap.calibrate(model, processor, samples)` instead."
         ) from error
     samples = builtin_calibration_samples(config.num_calibration_samples) if source == "builtin" else source
-    calibrate(model, processor, samples)
+    return processor, samples
 
 
 def outlier_report(model: nn.Module, outlier_ratio: float | None = None) -> dict[str, LayerOutliers]:

@@ -19,6 +19,8 @@ ACTIVATION_GRANULARITIES = ("per_token", "per_group", "static_per_channel", "sta
 STATIC_GRANULARITIES = ("static_per_channel", "static_per_tensor")
 SEMANTIC_SCORES = ("cls_attention", "cdpruner")
 SELECTIONS = ("topk", "dpp")
+FUSIONS = ("weighted", "outlier_slots")
+AUTO = "auto"
 
 
 def _invalid(field: str, value: Any, allowed: str) -> ValueError:
@@ -119,7 +121,16 @@ class QAPrunerConfig(QuantizationConfigMixin):
     Pruning:
         keep_ratio: share of visual tokens that reach the language model (1.0 disables pruning).
         keep_tokens: absolute number of kept visual tokens per image; overrides keep_ratio.
-        alpha: fusion weight, S = alpha * S^P + (1 - alpha) * S^Q; 1.0 is the semantic-only pruner.
+        alpha: fusion weight, S = alpha * S^P + (1 - alpha) * S^Q; 1.0 is the semantic-only pruner. "auto" picks
+            it from `alpha_grid` on the calibration samples (the value with the least divergence from the model's
+            unpruned outputs; see `optimum_qap.select_fusion`).
+        alpha_grid: the values "auto" tries; 0.0 and 1.0 (semantic only) are always tried as well.
+        fusion: "weighted" (the paper's S) or "outlier_slots": reserve up to `outlier_slots` of the K tokens for
+            tokens whose range or group-quantization error is a genuine outlier relative to the calibrated token
+            statistics (more than `outlier_ratio` x their calibration median), fill the rest by semantic score.
+        outlier_slots: m, an int >= 0 or "auto" (chosen from `slot_grid` like alpha).
+        slot_grid: the values of m that "auto" tries (those above K are skipped).
+        auto_max_samples: at most this many calibration samples are used by the "auto" choices (bounds their cost).
         semantic: "cls_attention" ([CLS] attention of the vision tower) or "cdpruner" (instruction relevance).
         selection: "topk" or "dpp" (conditional DPP as in CDPruner).
         error_weight / range_weight: weights of the normalised group-quantization error and range in S^Q.
@@ -154,7 +165,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
         outlier_ratio: float = 20.0,
         keep_ratio: float = 0.125,
         keep_tokens: int | None = None,
-        alpha: float = 0.5,
+        alpha: float | str = 0.5,
+        alpha_grid: list[float] | None = None,
+        fusion: str = "weighted",
+        outlier_slots: int | str = AUTO,
+        slot_grid: list[int] | None = None,
+        auto_max_samples: int = 8,
         semantic: str = "cls_attention",
         selection: str = "topk",
         error_weight: float = 0.5,
@@ -163,6 +179,8 @@ class QAPrunerConfig(QuantizationConfigMixin):
         sensitivity_bits: int | None = None,
         base_model: str | None = None,
         calibration_summary: dict[str, Any] | None = None,
+        token_statistics: dict[str, float] | None = None,
+        auto_selection: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
     ):
         self.quant_method = QUANT_METHOD
@@ -183,6 +201,11 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.keep_ratio = keep_ratio
         self.keep_tokens = keep_tokens
         self.alpha = alpha
+        self.alpha_grid = [0.0, 0.25, 0.5, 0.75, 1.0] if alpha_grid is None else copy.deepcopy(alpha_grid)
+        self.fusion = fusion
+        self.outlier_slots = outlier_slots
+        self.slot_grid = [0, 1, 2, 4, 8] if slot_grid is None else copy.deepcopy(slot_grid)
+        self.auto_max_samples = auto_max_samples
         self.semantic = semantic
         self.selection = selection
         self.error_weight = error_weight
@@ -191,6 +214,8 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.sensitivity_bits = sensitivity_bits
         self.base_model = base_model
         self.calibration_summary = copy.deepcopy(calibration_summary)
+        self.token_statistics = copy.deepcopy(token_statistics)
+        self.auto_selection = copy.deepcopy(auto_selection)
         self.post_init()
 
     def post_init(self) -> None:
@@ -220,7 +245,22 @@ class QAPrunerConfig(QuantizationConfigMixin):
             raise _invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
         _check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
         _check_positive_int("keep_tokens", self.keep_tokens, optional=True)
-        _check_unit_interval("alpha", self.alpha)
+        if self.alpha != AUTO:
+            _check_unit_interval("alpha", self.alpha)
+        if not isinstance(self.alpha_grid, list) or not self.alpha_grid:
+            raise _invalid("alpha_grid", self.alpha_grid, "expected a non-empty list of numbers in [0, 1]")
+        for value in self.alpha_grid:
+            _check_unit_interval("alpha_grid", value)
+        _check_choice("fusion", self.fusion, FUSIONS)
+        if self.outlier_slots != AUTO and (not _is_int(self.outlier_slots) or self.outlier_slots < 0):
+            raise _invalid("outlier_slots", self.outlier_slots, 'expected an integer >= 0 or "auto"')
+        if self.keep_tokens is not None and _is_int(self.outlier_slots) and self.outlier_slots > self.keep_tokens:
+            raise _invalid("outlier_slots", self.outlier_slots, f"cannot exceed keep_tokens={self.keep_tokens}")
+        if not isinstance(self.slot_grid, list) or not self.slot_grid or not all(
+            _is_int(m) and m >= 0 for m in self.slot_grid
+        ):
+            raise _invalid("slot_grid", self.slot_grid, "expected a non-empty list of integers >= 0")
+        _check_positive_int("auto_max_samples", self.auto_max_samples)
         _check_choice("semantic", self.semantic, SEMANTIC_SCORES)
         _check_choice("selection", self.selection, SELECTIONS)
         _check_unit_interval("error_weight", self.error_weight)
@@ -232,8 +272,24 @@ class QAPrunerConfig(QuantizationConfigMixin):
             _check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
             raise _invalid("base_model", self.base_model, "expected a model id or None")
-        if self.calibration_summary is not None and not _is_json_object(self.calibration_summary):
-            raise _invalid("calibration_summary", self.calibration_summary, "expected a JSON object or None")
+        for field in ("calibration_summary", "token_statistics", "auto_selection"):
+            value = getattr(self, field)
+            if value is not None and not _is_json_object(value):
+                raise _invalid(field, value, "expected a JSON object or None")
+        if self.needs_auto_selection and self.calibration is None:
+            raise _invalid(
+                "calibration",
+                self.calibration,
+                'alpha="auto" and outlier_slots="auto" choose their value on calibration samples: pass '
+                'calibration="builtin" or a list of samples, or call optimum_qap.select_fusion(...) after loading',
+            )
+        if self.prunes and self.fusion == "outlier_slots" and self.calibration is None and not self.token_statistics:
+            raise _invalid(
+                "calibration",
+                self.calibration,
+                'fusion="outlier_slots" compares tokens with calibrated token statistics: pass calibration="builtin" '
+                "or a list of samples, or call optimum_qap.calibrate(...) after loading",
+            )
 
     @property
     def quantizes_weights(self) -> bool:
@@ -251,6 +307,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
     @property
     def prunes(self) -> bool:
         return self.keep_tokens is not None or self.keep_ratio < 1.0
+
+    @property
+    def needs_auto_selection(self) -> bool:
+        """An "auto" value is set and has not been chosen yet."""
+        auto = self.alpha == AUTO if self.fusion == "weighted" else self.outlier_slots == AUTO
+        return self.prunes and auto and not self.auto_selection
 
     @property
     def scoring_bits(self) -> int:

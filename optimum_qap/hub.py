@@ -39,11 +39,28 @@ def _describe_pruning(config: QAPrunerConfig) -> list[str]:
     if not config.prunes:
         return ["- Visual token pruning: off"]
     budget = f"{config.keep_tokens} tokens" if config.keep_tokens is not None else f"{config.keep_ratio:.1%}"
-    return [
-        f"- Visual tokens kept per image: {budget} ({config.selection} selection)",
-        f"- Score: S = {config.alpha} * S^P ({config.semantic}) + {1 - config.alpha:.3g} * S^Q "
-        f"(S^Q = {config.error_weight} * group error + {config.range_weight} * range)",
-    ]
+    auto = config.auto_selection or {}
+    lines = [f"- Visual tokens kept per image: {budget} ({config.selection} selection)"]
+    if config.fusion == "outlier_slots":
+        slots = auto.get("outlier_slots", config.outlier_slots)
+        lines.append(
+            f"- Fusion: up to {slots} slots for tokens whose range or quantization error exceeds "
+            f"{config.outlier_ratio} x the calibrated median, the rest by {config.semantic} score"
+        )
+    else:
+        alpha = auto.get("alpha", config.alpha)
+        lines.append(
+            f"- Score: S = {alpha} * S^P ({config.semantic}) + {1 - alpha:.3g} * S^Q "
+            f"(S^Q = {config.error_weight} * group error + {config.range_weight} * range)"
+        )
+    if auto:
+        name, curve = ("outlier slots", auto["slot_curve"]) if "slot_curve" in auto else ("alpha", auto["alpha_curve"])
+        points = ", ".join(f"{key}: {value:.4g}" for key, value in curve.items())
+        lines.append(
+            f"- {name} chosen automatically on {auto['samples']} calibration samples by {auto['criterion']} "
+            f"(lower is better): {points}"
+        )
+    return lines
 
 
 def _describe_calibration(config: QAPrunerConfig) -> str:

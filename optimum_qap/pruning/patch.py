@@ -24,13 +24,15 @@ from torch import nn
 
 from .compaction import compact, is_left_padded, placeholder_keep_mask, positions_from_mask
 from .scoring import (
+    channel_range,
     cls_attention_scores,
     encoder_layer_index,
     fuse_scores,
+    group_quant_error,
     instruction_relevance,
     quantization_sensitivity,
 )
-from .selection import dpp_greedy_indices, resolve_budget, topk_indices
+from .selection import dpp_greedy_indices, outlier_slot_indices, resolve_budget, topk_indices
 
 
 @dataclass
@@ -43,6 +45,7 @@ class ImageSelection:
     error: torch.Tensor
     range: torch.Tensor
     fused: torch.Tensor
+    outlier_strength: torch.Tensor | None = None  # outlier_slots fusion: range or error / calibrated median
 
 
 def _vision_encoder_layers(vision_tower: nn.Module) -> nn.ModuleList:
@@ -61,6 +64,9 @@ class TokenPruner:
         self.base = model.model
         self.enabled = True
         self.last: list[ImageSelection] = []
+        # set while "auto" values are being chosen (optimum_qap.select_fusion)
+        self.alpha_override: float | None = None
+        self.slots_override: int | None = None
         llava_config = model.config
         if config.semantic == "cls_attention":
             if not _has_cls_token(self.base.vision_tower):
@@ -78,6 +84,44 @@ class TokenPruner:
 
     def budget(self, num_tokens: int) -> int:
         return resolve_budget(num_tokens, self.config.keep_ratio, self.config.keep_tokens)
+
+    @property
+    def alpha(self) -> float:
+        if self.alpha_override is not None:
+            return self.alpha_override
+        if self.config.alpha == "auto":
+            return self._chosen("alpha")
+        return self.config.alpha
+
+    @property
+    def slots(self) -> int:
+        if self.slots_override is not None:
+            return self.slots_override
+        if self.config.outlier_slots == "auto":
+            return self._chosen("outlier_slots")
+        return self.config.outlier_slots
+
+    def _chosen(self, name: str):
+        chosen = (self.config.auto_selection or {}).get(name)
+        if chosen is None:
+            raise ValueError(
+                f'QAPrunerConfig.{name}="auto" has not been chosen yet: call optimum_qap.select_fusion(model, '
+                "processor, samples), or load with calibration samples."
+            )
+        return chosen
+
+    def outlier_strength(self, features: torch.Tensor) -> torch.Tensor:
+        """Each token's range and group-quantization error over their calibrated medians (the larger of the two)."""
+        stats = self.config.token_statistics
+        if not stats:
+            raise ValueError(
+                'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: run optimum_qap.calibrate.'
+            )
+        cfg = self.config
+        error = group_quant_error(features, cfg.sensitivity_group_size, cfg.scoring_bits)
+        return torch.maximum(
+            channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12)
+        )
 
     def semantic_scores(self, features: torch.Tensor, layer_input, text_embeds: list[torch.Tensor]) -> torch.Tensor:
         if self.config.semantic == "cls_attention":
@@ -100,17 +144,23 @@ class TokenPruner:
         sens = quantization_sensitivity(
             features, cfg.sensitivity_group_size, cfg.scoring_bits, cfg.error_weight, cfg.range_weight
         )
-        fused = fuse_scores(semantic, sens.sensitivity, cfg.alpha)
+        slots = cfg.fusion == "outlier_slots"
+        fused = semantic if slots else fuse_scores(semantic, sens.sensitivity, self.alpha)
+        strength = self.outlier_strength(features) if slots else None
         k = self.budget(features.shape[1])
+        if slots and self.slots > k:
+            raise ValueError(f"QAPrunerConfig.outlier_slots={self.slots} exceeds the {k} kept tokens per image.")
         selections = []
         for index in range(features.shape[0]):
-            if cfg.selection == "dpp":
+            if slots:
+                kept = outlier_slot_indices(semantic[index], strength[index], cfg.outlier_ratio, k, self.slots)
+            elif cfg.selection == "dpp":
                 kept = dpp_greedy_indices(features[index], fused[index], k)
             else:
                 kept = topk_indices(fused[index], k)
             selections.append(
                 ImageSelection(kept, semantic[index], sens.sensitivity[index], sens.error[index], sens.range[index],
-                               fused[index])
+                               fused[index], None if strength is None else strength[index])
             )
         return selections
 
@@ -308,13 +358,18 @@ def pruning_disabled(model: nn.Module) -> Iterator[None]:
         pruner.enabled = previous
 
 
+def visual_tokens_per_image(config) -> int:
+    """N: patches per image of a LLaVA config's vision tower (without [CLS])."""
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
 def compact_processor(processor, model: nn.Module):
     """A copy of ``processor`` that emits K placeholders per image instead of N (save it beside the model)."""
     import copy
 
     pruner: TokenPruner = model.qap_pruner
-    vision = model.config.vision_config
-    num_tokens = (vision.image_size // vision.patch_size) ** 2
+    num_tokens = visual_tokens_per_image(model.config)
     compact_copy = copy.deepcopy(processor)
     # LlavaProcessor emits (H/p)*(W/p) + num_additional_image_tokens - 1 placeholders for the "default" strategy
     offset = 1 if compact_copy.vision_feature_select_strategy == "default" else 0

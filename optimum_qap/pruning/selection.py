@@ -105,3 +105,22 @@ def dpp_greedy_indices(features: torch.Tensor, quality: torch.Tensor, k: int) ->
         selected[pick] = True
         picks.append(pick)
     return torch.sort(torch.stack(picks)).values
+
+
+def outlier_slot_indices(
+    semantic: torch.Tensor, outlier_strength: torch.Tensor, outlier_ratio: float, k: int, slots: int
+) -> torch.Tensor:
+    """Reserve up to ``slots`` of ``k`` for genuine outliers, fill the rest by semantic score; sorted ascending.
+
+    ``outlier_strength`` is each token's range or quantization error relative to the calibrated median (1 means
+    typical); a token is an outlier above ``outlier_ratio``. Strongest outliers first; a model without outliers
+    reserves nothing and this is plain semantic top-K.
+    """
+    strength = outlier_strength.float()
+    is_outlier = strength > outlier_ratio
+    reserved = min(slots, k, int(is_outlier.sum()))
+    chosen = torch.sort(strength, descending=True, stable=True).indices[:reserved]
+    remaining = semantic.float().clone()
+    remaining[chosen] = float("-inf")
+    fill = torch.sort(remaining, descending=True, stable=True).indices[: k - reserved]
+    return torch.sort(torch.cat((chosen, fill))).values

@@ -1,0 +1,142 @@
+"""Calibrated fusion: let the model being compressed choose alpha (or the number of outlier slots).
+
+For each candidate value, the pruned model runs on the calibration samples and is compared with a reference:
+the answer's cross-entropy when samples carry an ``"answer"``, otherwise the KL divergence of its next-token
+distributions at the prompt's text positions after the image from those of the unpruned model (the same
+compressed model with pruning off, or ``reference_model``, e.g. the uncompressed one). The value with the
+smallest divergence wins; 1.0 (semantic only) is always a candidate, so on the calibration samples the choice is
+never worse than the semantic-only pruner.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import model_inputs
+from .patch import TokenPruner, pruning_disabled, visual_tokens_per_image
+
+
+@dataclass
+class PreparedSample:
+    inputs: dict[str, torch.Tensor]
+    tail: int  # text positions compared (the last `tail` positions of the sequence)
+    answer_ids: torch.Tensor | None  # [tail] tokens scored by cross-entropy, or None for KL
+
+
+def prepare_samples(model: nn.Module, processor, samples: Iterable[dict]) -> list[PreparedSample]:
+    """Model inputs of each sample; an ``"answer"`` is appended to the prompt and scored token by token."""
+    image_token_id = model.config.image_token_id
+    prepared = []
+    for sample in samples:
+        inputs = model_inputs(model, processor, sample["image"], sample["text"])
+        ids = inputs["input_ids"]
+        if sample.get("answer"):
+            answer = processor.tokenizer(" " + sample["answer"], add_special_tokens=False, return_tensors="pt")
+            answer_ids = answer["input_ids"].to(ids.device)
+            inputs["input_ids"] = torch.cat((ids, answer_ids), dim=1)
+            if "attention_mask" in inputs:
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+            prepared.append(PreparedSample(inputs, answer_ids.shape[1], answer_ids[0]))
+            continue
+        image_positions = (ids[0] == image_token_id).nonzero()
+        tail = ids.shape[1] - (int(image_positions.max()) + 1 if len(image_positions) else 0)
+        prepared.append(PreparedSample(inputs, tail, None))
+    return prepared
+
+
+def _tail_log_probs(model: nn.Module, sample: PreparedSample) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(**sample.inputs).logits[0]
+    # an answer token is predicted by the position before it; KL compares the text positions themselves
+    end = logits.shape[0] - 1 if sample.answer_ids is not None else logits.shape[0]
+    return torch.log_softmax(logits[end - sample.tail : end].float(), dim=-1)
+
+
+def divergence(log_probs: torch.Tensor, sample: PreparedSample, reference: torch.Tensor | None) -> float:
+    """Answer cross-entropy, or KL(reference || pruned) averaged over the compared positions."""
+    if sample.answer_ids is not None:
+        return float(-log_probs.gather(-1, sample.answer_ids.unsqueeze(-1)).mean())
+    return float((reference.exp() * (reference - log_probs)).sum(-1).mean())
+
+
+def _sweep(model, prepared, references, values, apply, progress: bool, label: str) -> dict[str, float]:
+    curve = {}
+    for value in tqdm(values, desc=f"Choosing {label}", disable=not progress):
+        apply(value)
+        scores = [
+            divergence(_tail_log_probs(model, sample), sample, reference)
+            for sample, reference in zip(prepared, references, strict=True)
+        ]
+        curve[str(value)] = sum(scores) / len(scores)
+    return curve
+
+
+def _best(curve: dict[str, float], prefer_high: bool) -> str:
+    """Smallest divergence; near-ties go to the value closest to plain semantic pruning."""
+    smallest = min(curve.values())
+    tied = [key for key, value in curve.items() if value <= smallest + 1e-6 * max(1.0, abs(smallest))]
+    return max(tied, key=float) if prefer_high else min(tied, key=float)
+
+
+def select_fusion(model: nn.Module, processor, samples: Iterable[dict], reference_model: nn.Module | None = None,
+                  progress: bool = True) -> dict:
+    """Choose alpha (``fusion="weighted"``) or the outlier slot count (``fusion="outlier_slots"``) on ``samples``.
+
+    Uses at most ``config.auto_max_samples`` samples. Stores the choice and the whole curve in
+    ``config.auto_selection`` (saved with the model and shown in its card) and sets the config's value to
+    ``"auto"``. Returns that record.
+
+    Example:
+        >>> record = optimum_qap.select_fusion(model, processor, optimum_qap.builtin_calibration_samples(8))
+        >>> record["alpha"], record["alpha_curve"]
+    """
+    pruner: TokenPruner | None = getattr(model, "qap_pruner", None)
+    if pruner is None:
+        raise ValueError("select_fusion() needs a model that prunes: load it with QAPrunerConfig(keep_ratio<1).")
+    config = model.config.quantization_config
+    prepared = prepare_samples(model, processor, list(samples)[: config.auto_max_samples])
+    if not prepared:
+        raise ValueError("select_fusion() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
+    reference = reference_model if reference_model is not None else model
+    with pruning_disabled(model):
+        references = [None if s.answer_ids is not None else _tail_log_probs(reference, s) for s in prepared]
+    start = time.perf_counter()
+    try:
+        if config.fusion == "outlier_slots":
+            k = pruner.budget(visual_tokens_per_image(model.config))
+            values = sorted({m for m in (*config.slot_grid, 0) if m <= k})
+
+            def apply(m):
+                pruner.slots_override = m
+
+            curve = _sweep(model, prepared, references, values, apply, progress, "outlier slots")
+            record = {"outlier_slots": int(_best(curve, prefer_high=False)), "slot_curve": curve}
+            config.outlier_slots = "auto"
+        else:
+            values = sorted({*map(float, config.alpha_grid), 0.0, 1.0})
+
+            def apply(alpha):
+                pruner.alpha_override = alpha
+
+            curve = _sweep(model, prepared, references, values, apply, progress, "alpha")
+            record = {"alpha": float(_best(curve, prefer_high=True)), "alpha_curve": curve}
+            config.alpha = "auto"
+    finally:
+        pruner.alpha_override = pruner.slots_override = None
+    seconds = time.perf_counter() - start
+    answers = {s.answer_ids is not None for s in prepared}
+    record |= {
+        "criterion": {frozenset({True}): "answer cross-entropy", frozenset({False}): "KL to unpruned"}.get(
+            frozenset(answers), "answer cross-entropy and KL to unpruned"
+        ),
+        "samples": len(prepared),
+        "seconds_per_point_per_sample": round(seconds / (len(values) * len(prepared)), 4),
+    }
+    config.auto_selection = record
+    return record
