@@ -67,7 +67,7 @@ def divergence(log_probs: torch.Tensor, sample: PreparedSample, reference: torch
 
 def _sweep(model, prepared, references, values, apply, progress: bool, label: str) -> dict[str, float]:
     curve = {}
-    for value in tqdm(values, desc=f"Choosing {label}", disable=not progress):
+    for value in tqdm(values, desc=f"Choosing {label.replace('_', ' ')}", disable=not progress):
         apply(value)
         scores = [
             divergence(_tail_log_probs(model, sample), sample, reference)
@@ -78,14 +78,19 @@ def _sweep(model, prepared, references, values, apply, progress: bool, label: st
 
 
 def _best(curve: dict[str, float], prefer_high: bool) -> str:
-    """Smallest divergence; near-ties go to the value closest to plain semantic pruning."""
+    """Key of the smallest divergence; near-ties go to the highest (or lowest) value."""
     smallest = min(curve.values())
     tied = [key for key, value in curve.items() if value <= smallest + 1e-6 * max(1.0, abs(smallest))]
     return max(tied, key=float) if prefer_high else min(tied, key=float)
 
 
-def select_fusion(model: nn.Module, processor, samples: Iterable[dict], reference_model: nn.Module | None = None,
-                  progress: bool = True) -> dict:
+def select_fusion(
+    model: nn.Module,
+    processor,
+    samples: Iterable[dict],
+    reference_model: nn.Module | None = None,
+    progress: bool = True,
+) -> dict:
     """Choose alpha (``fusion="weighted"``) or the outlier slot count (``fusion="outlier_slots"``) on ``samples``.
 
     Uses at most ``config.auto_max_samples`` samples. Stores the choice and the whole curve in
@@ -106,29 +111,31 @@ def select_fusion(model: nn.Module, processor, samples: Iterable[dict], referenc
     reference = reference_model if reference_model is not None else model
     with pruning_disabled(model):
         references = [None if s.answer_ids is not None else _tail_log_probs(reference, s) for s in prepared]
+    slots = config.fusion == "outlier_slots"
+    if slots:
+        k = pruner.budget(visual_tokens_per_image(model.config))
+        name, override, curve_key, values = (
+            "outlier_slots",
+            "slots_override",
+            "slot_curve",
+            sorted({m for m in (*config.slot_grid, 0) if m <= k}),
+        )
+    else:
+        name, override, curve_key, values = (
+            "alpha",
+            "alpha_override",
+            "alpha_curve",
+            sorted({*map(float, config.alpha_grid), 0.0, 1.0}),
+        )
     start = time.perf_counter()
     try:
-        if config.fusion == "outlier_slots":
-            k = pruner.budget(visual_tokens_per_image(model.config))
-            values = sorted({m for m in (*config.slot_grid, 0) if m <= k})
-
-            def apply(m):
-                pruner.slots_override = m
-
-            curve = _sweep(model, prepared, references, values, apply, progress, "outlier slots")
-            record = {"outlier_slots": int(_best(curve, prefer_high=False)), "slot_curve": curve}
-            config.outlier_slots = "auto"
-        else:
-            values = sorted({*map(float, config.alpha_grid), 0.0, 1.0})
-
-            def apply(alpha):
-                pruner.alpha_override = alpha
-
-            curve = _sweep(model, prepared, references, values, apply, progress, "alpha")
-            record = {"alpha": float(_best(curve, prefer_high=True)), "alpha_curve": curve}
-            config.alpha = "auto"
+        curve = _sweep(model, prepared, references, values, lambda v: setattr(pruner, override, v), progress, name)
     finally:
-        pruner.alpha_override = pruner.slots_override = None
+        setattr(pruner, override, None)
+    # ties go to the value closest to plain semantic pruning: alpha 1.0, or no reserved slots
+    chosen = _best(curve, prefer_high=not slots)
+    record = {name: int(chosen) if slots else float(chosen), curve_key: curve}
+    setattr(config, name, "auto")
     seconds = time.perf_counter() - start
     answers = {s.answer_ids is not None for s in prepared}
     record |= {
