@@ -44,10 +44,13 @@ def peer_layers(linear: nn.Linear) -> dict[str, nn.Module]:
     except Exception as error:  # noqa: BLE001 - a missing or incompatible peer is reported, not fatal
         peers["quanto w4a8"] = f"unavailable: {type(error).__name__}: {error}"[:160]
     try:
-        from torchao.quantization import Int8DynamicActivationInt4WeightConfig, quantize_
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
 
         wrapper = nn.Sequential(copy.deepcopy(linear))
-        quantize_(wrapper, Int8DynamicActivationInt4WeightConfig(group_size=128))
+        quantize_(
+            wrapper, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(128))
+        )
         peers["torchao w4a8-dyn"] = wrapper
     except Exception as error:  # noqa: BLE001
         peers["torchao w4a8-dyn"] = f"unavailable: {type(error).__name__}: {error}"[:160]

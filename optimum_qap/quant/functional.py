@@ -84,6 +84,7 @@ def dequantize_weight(
     """Weight in ``dtype`` from unsigned codes [out, in] and per-group scale / zero point [out, groups]."""
     groups = split_groups(codes, group_size).to(scale.dtype)
     center = zero.to(scale.dtype).unsqueeze(-1) if zero is not None else 2 ** (bits - 1)
+    # subtract first: codes - center is exact in any float dtype, so the product rounds once
     weight = (groups - center) * scale.unsqueeze(-1)
     return merge_groups(weight, codes.shape[-1]).to(dtype)
 
