@@ -39,6 +39,21 @@ def measure(mode: str, folder: str, output: str | None) -> dict:
     return result
 
 
+def quanto_checkpoint_bytes(folder: str, output: str) -> int:
+    """optimum-quanto int4 weights (group 128) on the same language-model linears, saved as safetensors."""
+    from optimum.quanto import freeze, qint4, quantize
+    from safetensors.torch import save_file
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(folder, dtype=torch.bfloat16)
+    quantize(model.model.language_model, weights=qint4)
+    freeze(model.model.language_model)
+    os.makedirs(output, exist_ok=True)
+    path = os.path.join(output, "model.safetensors")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    return os.path.getsize(path)
+
+
 def run_child(mode: str, folder: str, output: str | None) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--workdir", folder] + (
         ["--output", output] if output else []
@@ -52,8 +67,11 @@ def main() -> None:
     parser.add_argument("--decoder-layers", type=int, default=4)
     parser.add_argument("--workdir", default="runs/llava7b-shaped")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--child", choices=["plain", "qap"], default=None)
+    parser.add_argument("--child", choices=["plain", "qap", "quanto"], default=None)
     args = parser.parse_args()
+    if args.child == "quanto":
+        print(json.dumps({"checkpoint_bytes": quanto_checkpoint_bytes(args.workdir, args.output)}))
+        return
     if args.child:
         print(json.dumps(measure(args.child, args.workdir, args.output)))
         return
@@ -61,6 +79,11 @@ def main() -> None:
     compressed = os.path.join(args.workdir, f"qap-{args.decoder_layers}L")
     plain = run_child("plain", folder, None)
     qap = run_child("qap", folder, compressed)
+    try:
+        quanto = run_child("quanto", folder, os.path.join(args.workdir, f"quanto-{args.decoder_layers}L"))
+        quanto_ratio = qap["checkpoint_bytes"] / quanto["checkpoint_bytes"]
+    except subprocess.CalledProcessError as error:  # optimum-quanto is only in the bench extra
+        quanto_ratio = f"unavailable: {error.stderr.strip().splitlines()[-1][:160]}"
     bf16_bytes = folder_bytes(folder)
     bf16_parts, qap_parts = tensor_bytes_by_part(folder), tensor_bytes_by_part(compressed)
     per_layer_bf16 = bf16_parts["decoder_layers"] / args.decoder_layers
@@ -72,6 +95,7 @@ def main() -> None:
         "qap_checkpoint_gib": qap["checkpoint_bytes"] / 2**30,
         "checkpoint_ratio": qap["checkpoint_bytes"] / bf16_bytes,
         "decoder_layer_ratio": per_layer_qap / per_layer_bf16,
+        "qap_checkpoint_over_quanto_int4": quanto_ratio,
         # arithmetic on the measured parts, not a measurement: the same model with all 32 decoder layers
         "extrapolated_32_layer_ratio": (qap_parts["rest"] + 32 * per_layer_qap)
         / (bf16_parts["rest"] + 32 * per_layer_bf16),

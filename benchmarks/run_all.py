@@ -1,0 +1,188 @@
+"""Run every benchmark, write the results as JSON and as the tables of docs/performance.md.
+
+Each benchmark runs in its own process (clean memory peaks). Numbers are ratios measured side by side in one run.
+Run: python benchmarks/run_all.py            (about 20 minutes on 2 CPU cores; run it on an idle machine)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def run(script: str, *args: str) -> dict:
+    """Run a benchmark script and return the JSON object it prints last."""
+    command = [sys.executable, os.path.join(HERE, script), *args]
+    print("$", " ".join(command[1:]), flush=True)
+    completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
+    output = completed.stdout
+    return json.loads(output[output.rfind("\n{") + 1 if not output.startswith("{") else 0 :])
+
+
+def fmt(value, digits: int = 3) -> str:
+    return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+
+
+def markdown(results: dict, commands: dict[str, str]) -> str:
+    machine = results["memory"]
+    device = machine["cuda"] or f"CPU ({machine['machine']}, {machine['cpu_threads']} threads)"
+    lines = [
+        "# Performance",
+        "",
+        f"Measured by `python benchmarks/run_all.py` on {device}, torch {machine['torch']}, transformers "
+        f"{machine['transformers']}, {results['date']}. Models are LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + "
+        "Vicuna-7B shapes) with random weights and the decoder truncated; every ratio is measured side by side in "
+        "one run. No GPU was lent to the session that produced this page: CUDA rows are missing, not omitted.",
+        "",
+        "## Prefill: pruned vs unpruned vs ideal (the same model fed only K image tokens)",
+        "",
+        f"`{commands['prefill']}` (and `--dtype bfloat16`)",
+        "",
+    ]
+    rows = []
+    for dtype, block in results["prefill"].items():
+        for row in block["rows"]:
+            scoring = (row["pruned_s"] - row["ideal_s"]) / row["pruned_s"]
+            rows.append(
+                [
+                    dtype,
+                    row["keep_ratio"],
+                    row["kept_tokens"],
+                    row["pruned_s"],
+                    row["unpruned_s"],
+                    row["ideal_s"],
+                    row["pruned_over_ideal"],
+                    row["pruned_over_unpruned"],
+                    scoring,
+                ]
+            )
+    lines += table(
+        [
+            "dtype",
+            "keep",
+            "K",
+            "pruned s",
+            "unpruned s",
+            "ideal s",
+            "pruned/ideal",
+            "pruned/unpruned",
+            "scoring share of prefill",
+        ],
+        rows,
+    )
+    decode = results["generation"]
+    lines += [
+        "",
+        "## Decode and calibration",
+        "",
+        f"`{commands['generation']}`",
+        "",
+        *table(
+            [
+                "decode tok/s pruned",
+                "decode tok/s unpruned",
+                "speed-up",
+                "calibration s/sample",
+                "calibration s (16 samples)",
+            ],
+            [
+                [
+                    decode["decode_tokens_per_s_pruned"],
+                    decode["decode_tokens_per_s_unpruned"],
+                    decode["decode_speedup"],
+                    decode["calibration_s_per_sample"],
+                    decode["calibration_s_default_16_samples"],
+                ]
+            ],
+        ),
+        "",
+        "## Quantized linear layer vs the bf16 `nn.Linear` it replaces (time ratio, lower is better)",
+        "",
+        f"`{commands['linear']}`",
+        "",
+    ]
+    linear_rows = results["linear"]["rows"]
+    methods = [k for k in linear_rows[0] if k not in ("shape", "tokens", "linear_ms")]
+    lines += table(
+        ["shape", "tokens", "nn.Linear ms", *methods],
+        [[r["shape"], r["tokens"], r["linear_ms"], *(r[m] for m in methods)] for r in linear_rows],
+    )
+    memory = results["memory"]
+    lines += [
+        "",
+        "## Size and memory",
+        "",
+        f"`{commands['memory']}`",
+        "",
+        *table(
+            ["what", "value"],
+            [
+                [
+                    "checkpoint, compressed / bf16 (whole model, this many decoder layers)",
+                    f"{memory['checkpoint_ratio']:.3f} ({memory['decoder_layers']} layers)",
+                ],
+                ["one decoder layer, compressed / bf16", memory["decoder_layer_ratio"]],
+                [
+                    "full 32-layer model, compressed / bf16 (arithmetic on the measured parts)",
+                    memory["extrapolated_32_layer_ratio"],
+                ],
+                [
+                    "checkpoint, optimum-qap W4 / optimum-quanto int4 (same layers)",
+                    memory["qap_checkpoint_over_quanto_int4"],
+                ],
+                ["peak RSS of from_pretrained + QAPrunerConfig (GiB)", memory["qap_load_peak_rss_gib"]],
+                ["peak RSS of plain bf16 from_pretrained (GiB)", memory["plain_load_peak_rss_gib"]],
+                ["peak RSS, quantized load / bf16 checkpoint size", memory["qap_peak_rss_over_bf16_checkpoint"]],
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", default="runs/llava7b-shaped")
+    parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    parser.add_argument("--markdown", default=os.path.join(ROOT, "docs", "performance.md"))
+    args = parser.parse_args()
+    commands = {
+        "prefill": "python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 --dtype float32",
+        "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4",
+        "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers",
+        "memory": "python benchmarks/load_memory.py --decoder-layers 4",
+    }
+    workdir = ["--workdir", args.workdir]
+    results = {"date": time.strftime("%Y-%m-%d")}
+    results["memory"] = run("load_memory.py", "--decoder-layers", "4", *workdir)
+    results["prefill"] = {
+        dtype: run(
+            "prefill.py", "--decoder-layers", "2", "--keep-ratios", "1.0,0.5,0.25,0.125", "--dtype", dtype, *workdir
+        )
+        for dtype in ("float32", "bfloat16")
+    }
+    results["generation"] = run(
+        "generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir
+    )
+    results["linear"] = run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers")
+    with open(args.json, "w") as handle:
+        json.dump(results, handle, indent=2)
+    with open(args.markdown, "w") as handle:
+        handle.write(markdown(results, commands))
+    print(f"wrote {args.json} and {args.markdown}")
+
+
+if __name__ == "__main__":
+    main()
