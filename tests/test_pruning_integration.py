@@ -253,3 +253,12 @@ def test_cuda_generate_matches_reference(tiny_repo):
     with pruning_disabled(model):
         expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(new_tokens(generated, inputs), expected)
+
+
+def test_generate_with_pruning_disabled_runs_the_plain_model(tiny_repo):
+    model = load(tiny_repo)
+    inputs = batch()
+    with pruning_disabled(model):
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    plain = LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=QAPrunerConfig(keep_ratio=1.0))
+    assert torch.equal(generated, plain.generate(**inputs, max_new_tokens=3, do_sample=False))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -318,6 +319,18 @@ def pruned_image_features(model, pixel_values, **kwargs):
     return outputs
 
 
+def _wrapper(function, model: nn.Module, original) -> functools.partial:
+    """``function`` bound to ``model``, showing the signature of the method it wraps.
+
+    transformers inspects `forward`'s signature (e.g. to validate generate's model kwargs), so the wrapper must not
+    look like a bare ``(*args, **kwargs)``.
+    """
+    wrapper = functools.partial(function, model)
+    wrapper.__signature__ = inspect.signature(original)
+    wrapper.__doc__ = original.__doc__
+    return wrapper
+
+
 def attach_pruner(model: nn.Module, config) -> TokenPruner:
     """Make ``model`` prune visual tokens per ``config`` (idempotent: a second call replaces the settings)."""
     if not hasattr(model, "model") or not hasattr(model.model, "get_image_features"):
@@ -329,9 +342,9 @@ def attach_pruner(model: nn.Module, config) -> TokenPruner:
             "generate": model.generate,
             "get_image_features": model.model.get_image_features,
         }
-        model.forward = functools.partial(pruned_forward, model)
-        model.generate = functools.partial(pruned_generate, model)
-        model.model.get_image_features = functools.partial(pruned_image_features, model)
+        model.forward = _wrapper(pruned_forward, model, model.forward)
+        model.generate = _wrapper(pruned_generate, model, model.generate)
+        model.model.get_image_features = _wrapper(pruned_image_features, model, model.model.get_image_features)
     model.qap_pruner = pruner
     return pruner
 
@@ -359,9 +372,10 @@ def pruning_disabled(model: nn.Module) -> Iterator[None]:
 
 
 def visual_tokens_per_image(config) -> int:
-    """N: patches per image of a LLaVA config's vision tower (without [CLS])."""
+    """N: visual tokens per image that LLaVA feeds its language model (patches, plus [CLS] when it is kept)."""
     vision = config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
+    keeps_cls = config.vision_feature_select_strategy == "full" and vision.model_type == "clip_vision_model"
+    return (vision.image_size // vision.patch_size) ** 2 + keeps_cls
 
 
 def compact_processor(processor, model: nn.Module):
@@ -371,7 +385,7 @@ def compact_processor(processor, model: nn.Module):
     pruner: TokenPruner = model.qap_pruner
     num_tokens = visual_tokens_per_image(model.config)
     compact_copy = copy.deepcopy(processor)
-    # LlavaProcessor emits (H/p)*(W/p) + num_additional_image_tokens - 1 placeholders for the "default" strategy
-    offset = 1 if compact_copy.vision_feature_select_strategy == "default" else 0
-    compact_copy.num_additional_image_tokens = pruner.budget(num_tokens) - num_tokens + offset
+    # LlavaProcessor emits (H/p)*(W/p) + num_additional_image_tokens (- 1 for the "default" strategy) placeholders;
+    # shift that count from N to K
+    compact_copy.num_additional_image_tokens += pruner.budget(num_tokens) - num_tokens
     return compact_copy
