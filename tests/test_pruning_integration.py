@@ -262,3 +262,17 @@ def test_generate_with_pruning_disabled_runs_the_plain_model(tiny_repo):
         generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     plain = LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=QAPrunerConfig(keep_ratio=1.0))
     assert torch.equal(generated, plain.generate(**inputs, max_new_tokens=3, do_sample=False))
+
+
+def test_attach_pruner_changes_what_is_saved_but_not_the_quantization(tiny_repo, tmp_path):
+    model = load(tiny_repo, keep_ratio=1.0, a_granularity="static_per_tensor", calibration="builtin",
+                 num_calibration_samples=1)
+    summary = model.config.quantization_config.calibration_summary
+    optimum_qap.attach_pruner(model, QAPrunerConfig(keep_ratio=0.25, a_granularity="static_per_tensor",
+                                                    alpha=0.3))
+    saved = model.config.quantization_config
+    assert saved.keep_ratio == 0.25 and saved.alpha == 0.3 and saved.calibration_summary == summary
+    model.save_pretrained(tmp_path)
+    assert LlavaForConditionalGeneration.from_pretrained(tmp_path).qap_pruner.config.alpha == 0.3
+    with pytest.raises(ValueError, match=r"pruning settings only; \['w_bits'\]"):
+        optimum_qap.attach_pruner(model, QAPrunerConfig(w_bits=8, a_granularity="static_per_tensor"))

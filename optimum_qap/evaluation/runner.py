@@ -191,8 +191,7 @@ def run_table(
     gc.collect()
 
     label = f"W{config.w_bits}A{config.a_bits}"
-    # loaded without pruning (keep_ratio=1 attaches no pruner): `generate` under `pruning_disabled` is not usable
-    # because the wrapped `forward` hides its signature from generate's argument validation
+    # loaded without pruning (keep_ratio=1 attaches no pruner); the pruned rows attach one below
     model = load_model(with_settings(config, keep_ratio=1.0, keep_tokens=None))
     run(model, Result(f"{label} dense", "none", True, n))
     for ratio in keep_ratios:

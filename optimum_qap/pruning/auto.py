@@ -104,7 +104,7 @@ def select_fusion(
     pruner: TokenPruner | None = getattr(model, "qap_pruner", None)
     if pruner is None:
         raise ValueError("select_fusion() needs a model that prunes: load it with QAPrunerConfig(keep_ratio<1).")
-    config = model.config.quantization_config
+    config = pruner.config
     prepared = prepare_samples(model, processor, list(samples)[: config.auto_max_samples])
     if not prepared:
         raise ValueError("select_fusion() got no samples; pass at least one {'image': ..., 'text': ...} dict.")

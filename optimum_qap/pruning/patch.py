@@ -120,9 +120,7 @@ class TokenPruner:
             )
         cfg = self.config
         error = group_quant_error(features, cfg.sensitivity_group_size, cfg.scoring_bits)
-        return torch.maximum(
-            channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12)
-        )
+        return torch.maximum(channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12))
 
     def semantic_scores(self, features: torch.Tensor, layer_input, text_embeds: list[torch.Tensor]) -> torch.Tensor:
         if self.config.semantic == "cls_attention":
@@ -160,8 +158,15 @@ class TokenPruner:
             else:
                 kept = topk_indices(fused[index], k)
             selections.append(
-                ImageSelection(kept, semantic[index], sens.sensitivity[index], sens.error[index], sens.range[index],
-                               fused[index], None if strength is None else strength[index])
+                ImageSelection(
+                    kept,
+                    semantic[index],
+                    sens.sensitivity[index],
+                    sens.error[index],
+                    sens.range[index],
+                    fused[index],
+                    None if strength is None else strength[index],
+                )
             )
         return selections
 
@@ -170,6 +175,7 @@ class TokenPruner:
         captured = {}
         hook = None
         if self.config.semantic == "cls_attention":
+
             def capture(_module, args, kw):
                 captured["input"] = args[0] if args else kw["hidden_states"]
 
@@ -243,9 +249,7 @@ def _encode_and_compact(model, pixel_values, input_ids, attention_mask, extra, v
         model._qap_original["get_image_features"], pixel_values, input_ids, attention_mask, **vision_kwargs
     )
     num_tokens = len(selections[0].semantic)
-    input_ids, attention_mask, extra = compact_inputs(
-        pruner, selections, num_tokens, input_ids, attention_mask, extra
-    )
+    input_ids, attention_mask, extra = compact_inputs(pruner, selections, num_tokens, input_ids, attention_mask, extra)
     return outputs, input_ids, attention_mask, extra
 
 
@@ -331,10 +335,50 @@ def _wrapper(function, model: nn.Module, original) -> functools.partial:
     return wrapper
 
 
+QUANTIZATION_FIELDS = (
+    "w_bits",
+    "w_group_size",
+    "w_symmetric",
+    "a_bits",
+    "a_granularity",
+    "a_group_size",
+    "a_symmetric",
+    "quantize_projector",
+    "quantize_vision_tower",
+    "modules_to_not_convert",
+)
+PROVENANCE_FIELDS = ("base_model", "calibration_summary", "token_statistics")
+
+
+def _adopt_config(model: nn.Module, config) -> None:
+    """Make ``config`` the model's saved config, when the model is quantized with QAPrunerConfig.
+
+    Pruning settings may change; quantization settings are baked into the weights and may not. Provenance the new
+    config lacks (calibration, token statistics) carries over.
+    """
+    current = getattr(model.config, "quantization_config", None)
+    if current is None or current is config or getattr(current, "quant_method", None) != config.quant_method:
+        return
+    changed = [name for name in QUANTIZATION_FIELDS if getattr(current, name) != getattr(config, name)]
+    if changed:
+        raise ValueError(
+            f"attach_pruner() can change pruning settings only; {changed} differ from the loaded model's "
+            "quantization. Reload the model with the new QAPrunerConfig instead."
+        )
+    for name in PROVENANCE_FIELDS:
+        if getattr(config, name) is None:
+            setattr(config, name, getattr(current, name))
+    model.config.quantization_config = config
+
+
 def attach_pruner(model: nn.Module, config) -> TokenPruner:
-    """Make ``model`` prune visual tokens per ``config`` (idempotent: a second call replaces the settings)."""
+    """Make ``model`` prune visual tokens per ``config`` (idempotent: a second call replaces the settings).
+
+    On a model loaded with QAPrunerConfig, ``config`` also becomes the config that `save_pretrained` writes.
+    """
     if not hasattr(model, "model") or not hasattr(model.model, "get_image_features"):
         raise ValueError(f"QAPruner token pruning needs a LLaVA model; got {type(model).__name__}.")
+    _adopt_config(model, config)
     pruner = TokenPruner(model, config)
     if not hasattr(model, "_qap_original"):
         model._qap_original = {
