@@ -73,6 +73,10 @@ def alpha(text: str) -> float:
     return value
 
 
+def alpha_or_auto(text: str) -> float | str:
+    return "auto" if text == "auto" else alpha(text)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -225,7 +229,12 @@ def _size(num_bytes: int | None) -> str:
 
 def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
     """The QAPrunerConfig of the shared options; calibrates on built-in samples when needed or asked for."""
-    calibrate = args.calib_samples is not None or (args.a_bits < 16 and args.granularity in STATIC_GRANULARITIES)
+    calibrate = (
+        args.calib_samples is not None
+        or (args.a_bits < 16 and args.granularity in STATIC_GRANULARITIES)
+        or fields.get("alpha") == "auto"
+        or fields.get("fusion") == "outlier_slots"
+    )
     return QAPrunerConfig(
         w_bits=args.w_bits,
         a_bits=args.a_bits,
@@ -251,7 +260,7 @@ def compress(args: argparse.Namespace) -> int:
     check_llava(name)
     processor = load_processor(name)
     start = time.perf_counter()
-    model = load_model(name, args, make_config(args, keep_ratio=args.keep_ratio, alpha=args.alpha))
+    model = load_model(name, args, make_config(args, keep_ratio=args.keep_ratio, alpha=args.alpha, fusion=args.fusion))
     load_seconds = time.perf_counter() - start
     config: QAPrunerConfig = model.config.quantization_config
     with atomic_output(output, folder=True) as temporary:
@@ -364,11 +373,19 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
 def _quant_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--w-bits", type=int, choices=WEIGHT_BITS, default=4, help="weight bits (default 4)")
     parser.add_argument("--a-bits", type=int, choices=ACTIVATION_BITS, default=4, help="activation bits (default 4)")
-    parser.add_argument("--granularity", choices=ACTIVATION_GRANULARITIES, default="per_token",
-                        help="activation quantization granularity (static ones are calibrated)")
+    parser.add_argument(
+        "--granularity",
+        choices=ACTIVATION_GRANULARITIES,
+        default="per_token",
+        help="activation quantization granularity (static ones are calibrated)",
+    )
     parser.add_argument("--semantic", choices=SEMANTIC_SCORES, default="cls_attention", help="semantic score S^P")
-    parser.add_argument("--calib-samples", type=positive_int, metavar="N",
-                        help="calibrate on this many built-in samples (default: 16 when the granularity is static)")
+    parser.add_argument(
+        "--calib-samples",
+        type=positive_int,
+        metavar="N",
+        help="calibrate on this many built-in samples (default: 16 when the granularity is static)",
+    )
     _model_options(parser)
 
 
@@ -381,7 +398,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=model_help)
     _quant_options(p)
     p.add_argument("--keep-ratio", type=keep_ratio, default=0.125, help="share of visual tokens kept (0.125)")
-    p.add_argument("--alpha", type=alpha, default=0.5, help="S = alpha S^P + (1 - alpha) S^Q (0.5)")
+    p.add_argument(
+        "--alpha",
+        type=alpha_or_auto,
+        default=0.5,
+        help='S = alpha S^P + (1 - alpha) S^Q (0.5); "auto" chooses it on the calibration samples',
+    )
+    p.add_argument(
+        "--fusion",
+        choices=("weighted", "outlier_slots"),
+        default="weighted",
+        help="weighted (the paper's S) or outlier_slots (m slots for calibrated outlier tokens, m auto)",
+    )
     p.add_argument("--output", metavar="DIR", help="output folder (default: <model name>-qap)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
@@ -389,14 +417,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("eval", help="accuracy table: FP, W4A4, random / semantic / QAPruner pruning")
     p.add_argument("model", nargs="?", help=model_help)
-    p.add_argument("--dataset", choices=("demo", "scienceqa", "pope"), default="demo",
-                   help="demo (shapes VQA), scienceqa (lmms-lab/ScienceQA, ScienceQA-IMG) or pope (lmms-lab/POPE)")
+    p.add_argument(
+        "--dataset",
+        choices=("demo", "scienceqa", "pope"),
+        default="demo",
+        help="demo (shapes VQA), scienceqa (lmms-lab/ScienceQA, ScienceQA-IMG) or pope (lmms-lab/POPE)",
+    )
     p.add_argument("--data-file", metavar="PATH", help="local parquet/jsonl file in the same schema (not the Hub)")
     p.add_argument("--limit", type=positive_int, metavar="N", help="first N questions (default: all; 200 for demo)")
-    p.add_argument("--keep-ratios", type=comma_list(keep_ratio), default=[0.5, 0.25, 0.125], metavar="R1,R2,...",
-                   help="keep ratios of the pruned rows (default 0.5,0.25,0.125)")
-    p.add_argument("--alphas", type=comma_list(alpha), default=[0.5], metavar="A1,A2,...",
-                   help="QAPruner alphas, one row each per keep ratio (default 0.5)")
+    p.add_argument(
+        "--keep-ratios",
+        type=comma_list(keep_ratio),
+        default=[0.5, 0.25, 0.125],
+        metavar="R1,R2,...",
+        help="keep ratios of the pruned rows (default 0.5,0.25,0.125)",
+    )
+    p.add_argument(
+        "--alphas",
+        type=comma_list(alpha),
+        default=[0.5],
+        metavar="A1,A2,...",
+        help="QAPruner alphas, one row each per keep ratio (default 0.5)",
+    )
     _quant_options(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-selection baseline")

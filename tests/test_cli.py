@@ -70,6 +70,18 @@ def test_compress_summary(tiny_repo, tmp_path, capsys):
     assert saved["calibration_summary"]["samples"] == 2
 
 
+@pytest.mark.parametrize("fusion", ["weighted", "outlier_slots"])
+def test_compress_chooses_auto_values_and_prints_the_curve(tiny_repo, tmp_path, capsys, fusion):
+    output = tmp_path / "out"
+    args = ["compress", tiny_repo, "--output", str(output), "--keep-ratio", "0.25", "--calib-samples", "2"]
+    assert main([*args, "--alpha", "auto", "--fusion", fusion]) == 0
+    summary = capsys.readouterr().out
+    saved = json.loads((output / "config.json").read_text())["quantization_config"]
+    name = "alpha" if fusion == "weighted" else "outlier slots"
+    assert f"{name} chosen automatically on 2 calibration samples" in summary
+    assert saved["auto_selection"]["samples"] == 2 and saved["token_statistics"]["tokens"] == 2 * 16
+
+
 def test_compress_overwrite_and_push_to_hub(tiny_repo, tmp_path, monkeypatch, capsys):
     pushed = []
     monkeypatch.setattr(optimum_qap.hub, "push_to_hub", lambda model, repo, processor=None: pushed.append(repo))
