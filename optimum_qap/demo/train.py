@@ -254,6 +254,7 @@ def parse_args(argv=None):
     ap.add_argument("--text-heads", type=int, default=8)
     ap.add_argument("--log", default=None, help="JSON-lines log file (default: <output>/training_log.jsonl)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--init-from", default=None, help="start from a saved checkpoint instead of random init")
     return ap.parse_args(argv)
 
 
@@ -266,8 +267,12 @@ def main(argv=None) -> None:
 
     processor = build_processor()
     tok = processor.tokenizer
-    config = build_config(tok, args)
-    model = LlavaForConditionalGeneration(config)
+    if args.init_from:  # continue training a saved checkpoint (aux heads start fresh)
+        model = LlavaForConditionalGeneration.from_pretrained(args.init_from, dtype=torch.float32)
+        config = model.config
+    else:
+        config = build_config(tok, args)
+        model = LlavaForConditionalGeneration(config)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
