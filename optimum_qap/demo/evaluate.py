@@ -20,7 +20,6 @@ def first_word(text: str) -> str:
     return words[0] if words else ""
 
 
-@torch.no_grad()
 def predict_answers(
     model,
     processor,
@@ -32,35 +31,16 @@ def predict_answers(
     """Greedy-generate an answer for each example; returns the first generated word of each.
 
     ``images`` replaces the examples' images (e.g. noise images for the image-dependence control).
-    Batches are left-padded.
     """
+    from ..evaluation.datasets import EvalItem
+    from ..evaluation.runner import generate_answers
+
     if images is not None and len(images) != len(examples):
         raise ValueError("images must match examples in length")
-    tok = processor.tokenizer
-    old_side = tok.padding_side
-    tok.padding_side = "left"
-    model.eval()
-    device = next(model.parameters()).device
-    preds: list[str] = []
-    try:
-        for i in range(0, len(examples), batch_size):
-            batch = examples[i : i + batch_size]
-            imgs = [e.image for e in batch] if images is None else list(images[i : i + batch_size])
-            inputs = processor(images=imgs, text=[e.prompt for e in batch], return_tensors="pt", padding=True)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
-            inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-            out = model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-            new = out[:, inputs["input_ids"].shape[1] :]
-            preds += [first_word(t) for t in tok.batch_decode(new, skip_special_tokens=True)]
-    finally:
-        tok.padding_side = old_side
-    return preds
+    images = [e.image for e in examples] if images is None else images
+    items = [EvalItem(image, e.question, e.answer, e.qtype) for image, e in zip(images, examples, strict=True)]
+    answers = generate_answers(model, processor, items, batch_size, max_new_tokens, progress=False)
+    return [first_word(answer) for answer in answers]
 
 
 def answer_accuracy(
