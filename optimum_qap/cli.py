@@ -28,6 +28,7 @@ from PIL import Image
 from .config import (
     ACTIVATION_BITS,
     ACTIVATION_GRANULARITIES,
+    DEFAULT_ALPHA,
     SEMANTIC_SCORES,
     STATIC_GRANULARITIES,
     WEIGHT_BITS,
@@ -401,8 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha",
         type=alpha_or_auto,
-        default=0.5,
-        help='S = alpha S^P + (1 - alpha) S^Q (0.5); "auto" chooses it on the calibration samples',
+        default=DEFAULT_ALPHA,
+        help=f'S = alpha S^P + (1 - alpha) S^Q ({DEFAULT_ALPHA}); "auto" chooses it on the calibration samples',
     )
     p.add_argument(
         "--fusion",
@@ -435,9 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alphas",
         type=comma_list(alpha),
-        default=[0.5],
+        default=[DEFAULT_ALPHA],
         metavar="A1,A2,...",
-        help="QAPruner alphas, one row each per keep ratio (default 0.5)",
+        help=f"QAPruner alphas, one row each per keep ratio (default {DEFAULT_ALPHA})",
     )
     _quant_options(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default 8)")

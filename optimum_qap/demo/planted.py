@@ -301,20 +301,20 @@ def _plant_sinks_in_layer(
                 k_proj.bias[[head * head_dim + low, head * head_dim + high]] = 0
     # scores are linear in the key gain b: base (other dims) + b * (q_low k_low cos(w (i - j))) * scaling
     text_queries = [torch.arange(int(s.max()) + 1, x.shape[0]) for x, s in zip(inputs, sinks, strict=True)]
-    bases = [_scores(attention, text_model, x) for x in inputs]
+    bases = [_scores(attention, text_model, x)[:, q] for x, q in zip(inputs, text_queries, strict=True)]
     pair = []
-    for x in inputs:
-        q_low = x @ query_row
+    for x, q in zip(inputs, text_queries, strict=True):
+        q_low = x[q] @ query_row
         k_low = x @ key_direction
         cos, _ = _rope(text_model, x, x.shape[0])
         angle = torch.acos(cos[:, low].clamp(-1, 1))
-        relative = torch.cos(angle[:, None] - angle[None, :])
+        relative = torch.cos(angle[q, None] - angle[None, :])
         pair.append(q_low[:, None] * k_low[None, :] * relative * attention.scaling)
 
     def mean_mass(gain: float) -> float:
         masses = [
-            _sink_mass(base + gain * p, s, q).mean()
-            for base, p, s, q in zip(bases, pair, sinks, text_queries, strict=True)
+            torch.softmax(base + gain * p, dim=-1)[..., s].sum(-1).mean()
+            for base, p, s in zip(bases, pair, sinks, strict=True)
         ]
         return float(torch.stack(masses).mean())
 
@@ -516,7 +516,8 @@ def build_planted_demo(
 ) -> dict:
     """Plant massive activations into the shipped demo model (measured on training images), save model + processor.
 
-    ``kwargs`` go to `plant_massive_activations`. Writes ``planted_stats.json`` beside the weights; returns the stats.
+    ``kwargs`` go to `plant_massive_activations`. Writes ``planted_stats.json`` (with the source weights' SHA-256)
+    beside the weights; returns the stats.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -529,8 +530,20 @@ def build_planted_demo(
     stats = plant_massive_activations(
         model, [e.image for e in examples], processor=processor, prompts=[e.prompt for e in examples], **kwargs
     )
+    stats["source"] = {"path": str(source), "sha256": weights_sha256(source)}
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
     (output_dir / "planted_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     return stats
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """SHA-256 of a saved model's ``model.safetensors`` (to tell whether a planted copy is stale)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(Path(model_dir) / "model.safetensors", "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
