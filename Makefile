@@ -10,8 +10,10 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: demo test
+# the main job: compress the shipped demo LLaVA (W4A4 + QAPruner), then evaluate it in the shape of the paper's Table 1
 demo: $(VENV)/.installed
-	$(PY) examples/quantize_tiny_llava.py
+	$(VENV)/bin/optimum-qap compress --output runs/demo-qap --overwrite
+	$(VENV)/bin/optimum-qap eval --limit 100 --output runs/demo-eval.json
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

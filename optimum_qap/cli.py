@@ -1,7 +1,7 @@
 """`optimum-qap`: compress a LLaVA model, evaluate compressed settings, draw which visual tokens are kept.
 
     optimum-qap compress [MODEL] [--w-bits 4 --a-bits 4 --granularity per_token --keep-ratio 0.125 ...]
-    optimum-qap eval [MODEL] [--dataset demo|scienceqa|pope --keep-ratios 0.5,0.25,0.125 --alphas 0.5 ...]
+    optimum-qap eval [MODEL] [--dataset demo|scienceqa|pope --keep-ratios 0.5,0.25,0.125 --alphas 0.7 ...]
     optimum-qap visualize IMAGE [MODEL] --prompt TEXT [--output kept.png --keep-ratio --alpha]
 
 MODEL is a local folder or a Hub id and defaults to the shipped shapes-VQA demo model. A user error prints one line
@@ -452,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True, help="the question asked about the image")
     p.add_argument("--output", default="kept.png", help="PNG to write (default kept.png)")
     p.add_argument("--keep-ratio", type=keep_ratio, help="share of visual tokens kept (default: the model's or 0.125)")
-    p.add_argument("--alpha", type=alpha, help="QAPruner's alpha (default: the model's or 0.5)")
+    p.add_argument("--alpha", type=alpha, help="QAPruner's alpha (default: the model's or QAPrunerConfig's)")
     p.add_argument("--semantic", choices=SEMANTIC_SCORES, help="semantic score S^P (default cls_attention)")
     _model_options(p)
     p.set_defaults(handler=visualize)
