@@ -359,7 +359,8 @@ def visualize(args: argparse.Namespace) -> int:
     figure = visualize_selection(model, processor, image, args.prompt, config)
     with atomic_output(output) as temporary:
         figure.save(temporary, format="PNG")
-    print(f"Wrote {output} ({figure.width}x{figure.height}): kept tokens at alpha=1 and {config.alpha:g}, S^P, S^Q")
+    alpha = (config.auto_selection or {}).get("alpha", config.alpha)  # an "auto" alpha prints its chosen value
+    print(f"Wrote {output} ({figure.width}x{figure.height}): kept tokens at alpha=1 and {alpha:g}, S^P, S^Q")
     return 0
 
 

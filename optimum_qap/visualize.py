@@ -98,8 +98,9 @@ def visualize_selection(model: nn.Module, processor, image, prompt: str, config:
     full-precision model shows the tokens its quantized version keeps.
     """
     inputs = model_inputs(model, processor, image, prompt)
+    chosen = (config.auto_selection or {}).get("alpha", config.alpha)  # an "auto" alpha shows its chosen value
     picks = []
-    for alpha in (1.0, config.alpha):
+    for alpha in (1.0, chosen):
         attach_pruner(model, QAPrunerConfig.from_dict({**config.to_dict(), "alpha": alpha}))
         with torch.no_grad():
             model(**inputs)
@@ -115,7 +116,7 @@ def visualize_selection(model: nn.Module, processor, image, prompt: str, config:
     k, shared = len(qapruner.kept), len(set(semantic.kept.tolist()) & set(qapruner.kept.tolist()))
     captions = (
         f"semantic only (alpha=1): {len(semantic.kept)}/{n} kept",
-        f"QAPruner (alpha={config.alpha:g}): {k}/{n} kept, {shared} shared",
+        f"QAPruner (alpha={chosen:g}): {k}/{n} kept, {shared} shared",
         f"S^P: semantic relevance ({config.semantic})",
         "S^Q: quantization sensitivity",
     )
