@@ -173,7 +173,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         fusion: str = "weighted",
         outlier_slots: int | str = AUTO,
         slot_grid: list[int] | None = None,
-        auto_max_samples: int = 8,
+        auto_max_samples: int = 16,
         semantic: str = "cls_attention",
         selection: str = "topk",
         error_weight: float = 0.5,

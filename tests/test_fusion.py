@@ -8,6 +8,7 @@ from transformers import LlavaForConditionalGeneration
 import optimum_qap
 from optimum_qap import QAPrunerConfig, last_selection
 from optimum_qap.hub import model_card
+from optimum_qap.pruning.auto import choose
 from optimum_qap.pruning.selection import outlier_slot_indices, topk_indices
 
 PROMPT = "USER: <image>\nwhat is in the image ? ASSISTANT:"
@@ -55,7 +56,8 @@ def test_alpha_auto_chooses_the_least_divergent_value_and_survives_save(tiny_rep
     model = load(tiny_repo, alpha="auto", alpha_grid=[0.3, 0.6], auto_max_samples=2)
     record = model.config.quantization_config.auto_selection
     assert set(record["alpha_curve"]) == {"0.0", "0.3", "0.6", "1.0"}
-    assert record["alpha_curve"][str(record["alpha"])] == min(record["alpha_curve"].values())
+    chosen = record["alpha_curve"][str(record["alpha"])]
+    assert record["alpha"] == 1.0 or chosen < record["alpha_curve"]["1.0"]  # baseline unless it beats it
     assert record["criterion"] == "KL to unpruned" and record["samples"] == 2
     assert record["seconds_per_point_per_sample"] > 0
     model(**inputs())
@@ -66,6 +68,15 @@ def test_alpha_auto_chooses_the_least_divergent_value_and_survives_save(tiny_rep
     assert reloaded.config.quantization_config.auto_selection == record  # chosen once, not recalibrated
     reloaded(**inputs())
     assert all(torch.equal(a, s.kept) for a, s in zip(kept, last_selection(reloaded), strict=True))
+
+
+def test_choose_keeps_the_baseline_unless_a_candidate_beats_it_beyond_noise():
+    baseline = [1.0, 1.0, 1.0, 1.0]
+    noisy = [0.2, 1.9, 0.1, 1.6]  # lower mean, but the paired gains vary too much
+    clear = [0.8, 0.85, 0.8, 0.82]
+    assert choose({"1.0": baseline, "0.5": noisy}, "1.0") == "1.0"
+    assert choose({"1.0": baseline, "0.5": noisy, "0.25": clear}, "1.0") == "0.25"
+    assert choose({"1.0": baseline, "0.0": [0.5, 0.5, 0.5, 0.5], "0.25": clear}, "1.0") == "0.0"
 
 
 def test_select_fusion_scores_answers_by_cross_entropy(tiny_repo):

@@ -3,9 +3,9 @@
 For each candidate value, the pruned model runs on the calibration samples and is compared with a reference:
 the answer's cross-entropy when samples carry an ``"answer"``, otherwise the KL divergence of its next-token
 distributions at the prompt's text positions after the image from those of the unpruned model (the same
-compressed model with pruning off, or ``reference_model``, e.g. the uncompressed one). The value with the
-smallest divergence wins; 1.0 (semantic only) is always a candidate, so on the calibration samples the choice is
-never worse than the semantic-only pruner.
+compressed model with pruning off, or ``reference_model``, e.g. the uncompressed one). Semantic-only pruning
+(alpha 1.0, or no outlier slot) is the baseline; another value is chosen only when its per-sample improvement over
+the baseline exceeds 1.96 standard errors, so a small or noisy calibration set cannot pick a worse setting by chance.
 """
 
 from __future__ import annotations
@@ -65,23 +65,41 @@ def divergence(log_probs: torch.Tensor, sample: PreparedSample, reference: torch
     return float((reference.exp() * (reference - log_probs)).sum(-1).mean())
 
 
-def _sweep(model, prepared, references, values, apply, progress: bool, label: str) -> dict[str, float]:
-    curve = {}
+# a candidate replaces the semantic-only baseline only when its paired improvement exceeds this many standard errors
+SIGNIFICANCE_Z = 1.96
+
+
+def _sweep(model, prepared, references, values, apply, progress: bool, label: str) -> dict[str, list[float]]:
+    """Per-sample divergence of every candidate value."""
+    scores = {}
     for value in tqdm(values, desc=f"Choosing {label.replace('_', ' ')}", disable=not progress):
         apply(value)
-        scores = [
+        scores[str(value)] = [
             divergence(_tail_log_probs(model, sample), sample, reference)
             for sample, reference in zip(prepared, references, strict=True)
         ]
-        curve[str(value)] = sum(scores) / len(scores)
-    return curve
+    return scores
 
 
-def _best(curve: dict[str, float], prefer_high: bool) -> str:
-    """Key of the smallest divergence; near-ties go to the highest (or lowest) value."""
-    smallest = min(curve.values())
-    tied = [key for key, value in curve.items() if value <= smallest + 1e-6 * max(1.0, abs(smallest))]
-    return max(tied, key=float) if prefer_high else min(tied, key=float)
+def _paired_improvement(candidate: list[float], baseline: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-sample reduction of divergence against the baseline."""
+    gains = torch.tensor(baseline, dtype=torch.float64) - torch.tensor(candidate, dtype=torch.float64)
+    spread = float(gains.std()) if len(gains) > 1 else 0.0
+    return float(gains.mean()), spread / len(gains) ** 0.5
+
+
+def choose(scores: dict[str, list[float]], baseline: str) -> str:
+    """The baseline (semantic-only pruning), unless a candidate beats it beyond noise on the calibration samples.
+
+    Among candidates whose paired improvement exceeds `SIGNIFICANCE_Z` standard errors, the largest improvement
+    wins. So with few or noisy samples `auto` stays the semantic pruner instead of following chance.
+    """
+    best, best_gain = baseline, 0.0
+    for key, values in scores.items():
+        gain, error = _paired_improvement(values, scores[baseline])
+        if gain > SIGNIFICANCE_Z * error and gain > best_gain:
+            best, best_gain = key, gain
+    return best
 
 
 def select_fusion(
@@ -129,11 +147,11 @@ def select_fusion(
         )
     start = time.perf_counter()
     try:
-        curve = _sweep(model, prepared, references, values, lambda v: setattr(pruner, override, v), progress, name)
+        scores = _sweep(model, prepared, references, values, lambda v: setattr(pruner, override, v), progress, name)
     finally:
         setattr(pruner, override, None)
-    # ties go to the value closest to plain semantic pruning: alpha 1.0, or no reserved slots
-    chosen = _best(curve, prefer_high=not slots)
+    chosen = choose(scores, baseline=str(0 if slots else 1.0))  # alpha 1.0, or no reserved slots
+    curve = {key: sum(values) / len(values) for key, values in scores.items()}
     record = {name: int(chosen) if slots else float(chosen), curve_key: curve}
     setattr(config, name, "auto")
     seconds = time.perf_counter() - start
