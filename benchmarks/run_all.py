@@ -23,7 +23,8 @@ def run(script: str, *args: str) -> dict:
     print("$", " ".join(command[1:]), flush=True)
     completed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=ROOT)
     output = completed.stdout
-    return json.loads(output[output.rfind("\n{") + 1 if not output.startswith("{") else 0 :])
+    # the last line that opens a top-level JSON object (linear.py prints one row per line before its summary)
+    return json.loads(output[output.rfind("\n{") + 1 :])
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -167,19 +168,25 @@ def main() -> None:
     }
     workdir = ["--workdir", args.workdir]
     results = {"date": time.strftime("%Y-%m-%d")}
-    results["memory"] = run("load_memory.py", "--decoder-layers", "4", *workdir)
-    results["prefill"] = {
-        dtype: run(
+
+    def keep(name: str, value: dict) -> None:
+        """Record a result and write what exists so far: a later failure loses nothing."""
+        results[name] = value
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+
+    keep("memory", run("load_memory.py", "--decoder-layers", "4", *workdir))
+    prefill = {}
+    for dtype, ratios in (("float32", "1.0,0.5,0.25,0.125"), ("bfloat16", "1.0,0.125")):
+        prefill[dtype] = run(
             "prefill.py", "--decoder-layers", "2", "--keep-ratios", ratios, "--dtype", dtype, "--repeats", "2", *workdir
         )
-        for dtype, ratios in (("float32", "1.0,0.5,0.25,0.125"), ("bfloat16", "1.0,0.125"))
-    }
-    results["generation"] = run(
-        "generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir
+        keep("prefill", prefill)
+    keep(
+        "generation",
+        run("generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir),
     )
-    results["linear"] = run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3")
-    with open(args.json, "w") as handle:
-        json.dump(results, handle, indent=2)
+    keep("linear", run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3"))
     with open(args.markdown, "w") as handle:
         handle.write(markdown(results, commands))
     print(f"wrote {args.json} and {args.markdown}")
