@@ -149,8 +149,33 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
             ],
         ),
         "",
+        *WHAT_LIMITS_SPEED,
     ]
     return "\n".join(lines)
+
+
+WHAT_LIMITS_SPEED = [
+    "## Why the quantized layer is slower than `nn.Linear`, and what would change it",
+    "",
+    "`QuantLinear` simulates W4A4: every call unpacks the 4-bit codes, dequantizes the weight in the model dtype and",
+    "fake-quantizes the input, then runs the ordinary float matmul. That is exact (the reference tests compare it",
+    "with a plain quantize-dequantize implementation) and portable to any device and dtype, but it reads the packed",
+    "weight and then writes and reads a full float weight, so it cannot beat the float layer it replaces. On CPU, bf16",
+    "element-wise work is slow as well. No PyTorch kernel runs a 4-bit x 4-bit matmul, so a W4A4 speed-up needs a",
+    "custom kernel (as QuaRot or Atom ship for CUDA); what optimum-qap does today:",
+    "",
+    "- `optimum_qap.cache_dequantized_weights(model)` keeps the dequantized weights between calls (the `cached` column):",
+    "  decode then costs the float matmul plus activation fake-quantization, at the memory of the float weights.",
+    "- 4-bit codes unpack with strided writes (no stacked intermediate); weight quantization at load runs in bounded",
+    "  row blocks.",
+    "- Not done: routing W4 layers through torch's int4 weight-only kernels (`_weight_int4pack_mm`), which read 4-bit",
+    "  weights directly but need their packing format and a float zero point (not bit-identical to the integer zero",
+    "  point stored here).",
+    "",
+    "The peers do not run W4A4 either: optimum-quanto's int4-weight / int8-activation layer and torchao's",
+    "int8-dynamic-activation / int4-weight layer are timed at the same shapes in the table above.",
+    "",
+]
 
 
 def main() -> None:
@@ -158,6 +183,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/llava7b-shaped")
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     parser.add_argument("--markdown", default=os.path.join(ROOT, "docs", "performance.md"))
+    parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from an existing --json")
     args = parser.parse_args()
     commands = {
         "prefill": "python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 --dtype float32"
@@ -166,6 +192,12 @@ def main() -> None:
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers --repeats 3",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4",
     }
+    if args.render_only:
+        with open(args.json) as handle:
+            results = json.load(handle)
+        with open(args.markdown, "w") as handle:
+            handle.write(markdown(results, commands))
+        return
     workdir = ["--workdir", args.workdir]
     results = {"date": time.strftime("%Y-%m-%d")}
 
