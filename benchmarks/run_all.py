@@ -164,7 +164,7 @@ WHAT_LIMITS_SPEED = [
     "element-wise work is slow as well. No PyTorch kernel runs a 4-bit x 4-bit matmul, so a W4A4 speed-up needs a",
     "custom kernel (as QuaRot or Atom ship for CUDA); what optimum-qap does today:",
     "",
-    "- `optimum_qap.cache_dequantized_weights(model)` keeps the dequantized weights between calls (the `cached` column):",
+    "- `optimum_qap.cache_dequantized_weights(model)` keeps the dequantized weights between calls (`cached` column):",
     "  decode then costs the float matmul plus activation fake-quantization, at the memory of the float weights.",
     "- 4-bit codes unpack with strided writes (no stacked intermediate); weight quantization at load runs in bounded",
     "  row blocks.",
