@@ -51,7 +51,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
         f"`{commands['prefill']}` (and `--dtype bfloat16 --keep-ratios 1.0,0.125`)",
         "",
-        "The scoring share is (pruned - ideal) / pruned: the cost of scoring, selection and compaction. Values near zero",
+        "The scoring share is (pruned - ideal) / pruned: the cost of scoring, selection, compaction. Values near 0",
         "or below it are timing noise between two runs of nearly the same work (median of 2 runs each).",
         "",
     ]
