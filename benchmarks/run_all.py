@@ -45,7 +45,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         f"Measured by `python benchmarks/run_all.py` on {device}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, {results['date']}. Models are LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + "
         "Vicuna-7B shapes) with random weights and the decoder truncated; every ratio is measured side by side in "
-        "one run. No GPU was lent to the session that produced this page: CUDA rows are missing, not omitted.",
+        "one run. On a CUDA machine the same command measures the GPU; the H200 rows at the end were measured with the "
+        "individual scripts on a lent GPU.",
         "",
         "## Prefill: pruned vs unpruned vs ideal (the same model fed only K image tokens)",
         "",
