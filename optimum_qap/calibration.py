@@ -78,11 +78,16 @@ def _load_image(image) -> Image.Image:
         raise ValueError(f"calibration image {image!r} cannot be read: {error}") from error
 
 
-def model_inputs(model: nn.Module, processor, image, text: str) -> dict[str, torch.Tensor]:
-    """Processor outputs for one image + prompt, on the model's device, pixel values in its dtype."""
-    inputs = processor(images=_load_image(image), text=format_prompt(processor, text), return_tensors="pt")
+def to_model(model: nn.Module, inputs) -> dict[str, torch.Tensor]:
+    """Processor outputs on the model's device, floating-point ones (pixel values) in its dtype."""
     device, dtype = model.device, model.dtype
     return {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in inputs.items()}
+
+
+def model_inputs(model: nn.Module, processor, image, text: str) -> dict[str, torch.Tensor]:
+    """Processor outputs for one image + prompt, ready for ``model``."""
+    inputs = processor(images=_load_image(image), text=format_prompt(processor, text), return_tensors="pt")
+    return to_model(model, inputs)
 
 
 @contextlib.contextmanager

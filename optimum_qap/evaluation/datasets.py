@@ -77,8 +77,9 @@ def pope_correct(prediction: str, answer: str) -> bool:
 
 def demo_correct(prediction: str, answer: str) -> bool:
     """The first generated word is the answer (as `optimum_qap.demo.evaluate`)."""
-    words = prediction.split()
-    return bool(words) and words[0] == answer
+    from ..demo.evaluate import first_word
+
+    return bool(answer) and first_word(prediction) == answer
 
 
 def load_eval_dataset(name: str, limit: int | None = None, data_file: str | None = None) -> EvalDataset:

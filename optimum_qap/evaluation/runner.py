@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import format_prompt
+from ..calibration import format_prompt, to_model
 from ..config import QAPrunerConfig
 from ..pruning.patch import ImageSelection, TokenPruner, attach_pruner, visual_tokens_per_image
 from ..pruning.selection import resolve_budget, topk_indices
@@ -85,11 +85,9 @@ def generate_answers(
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
                 texts = [format_prompt(processor, item.text) for item in batch]
-                inputs = processor(images=[i.image for i in batch], text=texts, return_tensors="pt", padding=True)
-                inputs = {
-                    k: v.to(device=model.device, dtype=model.dtype if v.is_floating_point() else None)
-                    for k, v in inputs.items()
-                }
+                inputs = to_model(
+                    model, processor(images=[i.image for i in batch], text=texts, return_tensors="pt", padding=True)
+                )
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id)
                 new_tokens = out[:, inputs["input_ids"].shape[1] :]
                 answers += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
