@@ -145,8 +145,8 @@ class DropTokens(TokenPruner):
         super().__init__(model, config)
         self.dropped = dropped
 
-    def select(self, features, layer_input, text_embeds):
-        selections = super().select(features, layer_input, text_embeds)
+    def select(self, features, vision_states, instructions):
+        selections = super().select(features, vision_states, instructions)
         keep = torch.ones(features.shape[1], dtype=torch.bool)
         keep[sorted(self.dropped)] = False
         for selection in selections:
@@ -338,7 +338,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=100, help="test questions")
     parser.add_argument("--calib-samples", type=int, default=16, help="training samples for calibration and auto")
-    parser.add_argument("--auto-samples", type=int, default=8, help="of those, used by the alpha/slot choice")
+    parser.add_argument("--auto-samples", type=int, default=16, help="of those, used by the alpha/slot choice")
     parser.add_argument(
         "--auto-criterion",
         default="answer",

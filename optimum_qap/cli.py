@@ -241,6 +241,7 @@ def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
         a_bits=args.a_bits,
         a_granularity=args.granularity,
         semantic=args.semantic,
+        clip_text_model=args.clip_text_model,
         calibration="builtin" if calibrate else None,
         num_calibration_samples=args.calib_samples or 16,
         **fields,
@@ -382,6 +383,11 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
         help="activation quantization granularity (static ones are calibrated)",
     )
     parser.add_argument("--semantic", choices=SEMANTIC_SCORES, default="cls_attention", help="semantic score S^P")
+    parser.add_argument(
+        "--clip-text-model",
+        metavar="ID",
+        help="with --semantic cdpruner: a CLIP checkpoint whose text tower reads the instruction (CDPruner's original)",
+    )
     parser.add_argument(
         "--calib-samples",
         type=positive_int,

@@ -135,6 +135,10 @@ class QAPrunerConfig(QuantizationConfigMixin):
         slot_grid: the values of m that "auto" tries (those above K are skipped).
         auto_max_samples: at most this many calibration samples are used by the "auto" choices (bounds their cost).
         semantic: "cls_attention" ([CLS] attention of the vision tower) or "cdpruner" (instruction relevance).
+        clip_text_model: with semantic="cdpruner", a CLIP checkpoint (Hub id or folder, e.g.
+            "openai/clip-vit-large-patch14-336") whose text tower encodes the instruction and whose image projection
+            maps the vision tower's feature-layer patches into the joint space: CDPruner's original formulation.
+            None (default) compares the projector outputs with the LLM's own embeddings of the instruction.
         selection: "topk" or "dpp" (conditional DPP as in CDPruner).
         error_weight / range_weight: weights of the normalised group-quantization error and range in S^Q.
         sensitivity_group_size: group size of the simulated quantization in S^Q.
@@ -175,6 +179,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         slot_grid: list[int] | None = None,
         auto_max_samples: int = 16,
         semantic: str = "cls_attention",
+        clip_text_model: str | None = None,
         selection: str = "topk",
         error_weight: float = 0.5,
         range_weight: float = 0.5,
@@ -210,6 +215,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.slot_grid = [0, 1, 2, 4, 8] if slot_grid is None else copy.deepcopy(slot_grid)
         self.auto_max_samples = auto_max_samples
         self.semantic = semantic
+        self.clip_text_model = clip_text_model
         self.selection = selection
         self.error_weight = error_weight
         self.range_weight = range_weight
@@ -259,12 +265,23 @@ class QAPrunerConfig(QuantizationConfigMixin):
             raise _invalid("outlier_slots", self.outlier_slots, 'expected an integer >= 0 or "auto"')
         if self.keep_tokens is not None and _is_int(self.outlier_slots) and self.outlier_slots > self.keep_tokens:
             raise _invalid("outlier_slots", self.outlier_slots, f"cannot exceed keep_tokens={self.keep_tokens}")
-        if not isinstance(self.slot_grid, list) or not self.slot_grid or not all(
-            _is_int(m) and m >= 0 for m in self.slot_grid
+        if (
+            not isinstance(self.slot_grid, list)
+            or not self.slot_grid
+            or not all(_is_int(m) and m >= 0 for m in self.slot_grid)
         ):
             raise _invalid("slot_grid", self.slot_grid, "expected a non-empty list of integers >= 0")
         _check_positive_int("auto_max_samples", self.auto_max_samples)
         _check_choice("semantic", self.semantic, SEMANTIC_SCORES)
+        if self.clip_text_model is not None:
+            if not isinstance(self.clip_text_model, str) or not self.clip_text_model:
+                raise _invalid("clip_text_model", self.clip_text_model, "expected a CLIP model id or folder, or None")
+            if self.semantic != "cdpruner":
+                raise _invalid(
+                    "clip_text_model",
+                    self.clip_text_model,
+                    f'it sets the text tower of semantic="cdpruner", but semantic is "{self.semantic}"',
+                )
         _check_choice("selection", self.selection, SELECTIONS)
         _check_unit_interval("error_weight", self.error_weight)
         _check_unit_interval("range_weight", self.range_weight)

@@ -40,17 +40,20 @@ def _describe_pruning(config: QAPrunerConfig) -> list[str]:
         return ["- Visual token pruning: off"]
     budget = f"{config.keep_tokens} tokens" if config.keep_tokens is not None else f"{config.keep_ratio:.1%}"
     auto = config.auto_selection or {}
+    semantic = config.semantic
+    if config.clip_text_model is not None:
+        semantic += f" with the CLIP text tower of {config.clip_text_model}"
     lines = [f"- Visual tokens kept per image: {budget} ({config.selection} selection)"]
     if config.fusion == "outlier_slots":
         slots = auto.get("outlier_slots", config.outlier_slots)
         lines.append(
             f"- Fusion: up to {slots} slots for tokens whose range or quantization error exceeds "
-            f"{config.outlier_ratio} x the calibrated median, the rest by {config.semantic} score"
+            f"{config.outlier_ratio} x the calibrated median, the rest by {semantic} score"
         )
     else:
         alpha = auto.get("alpha", config.alpha)
         lines.append(
-            f"- Score: S = {alpha} * S^P ({config.semantic}) + {1 - alpha:.3g} * S^Q "
+            f"- Score: S = {alpha} * S^P ({semantic}) + {1 - alpha:.3g} * S^Q "
             f"(S^Q = {config.error_weight} * group error + {config.range_weight} * range)"
         )
     if auto:

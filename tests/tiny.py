@@ -6,7 +6,10 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
+    CLIPTextConfig,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -105,19 +108,25 @@ def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
     return model
 
 
-def tiny_processor() -> LlavaProcessor:
+def word_tokenizer(single: str = "<s> $A", padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over VOCAB; ``single`` is the template that adds its special tokens."""
     tokenizer = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", VOCAB["<s>"])])
-    fast = PreTrainedTokenizerFast(
+    specials = [(token, VOCAB[token]) for token in ("<s>", "</s>") if token in single]
+    tokenizer.post_processor = processors.TemplateProcessing(single=single, special_tokens=specials)
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
         extra_special_tokens={"image_token": "<image>"},
-        padding_side="left",
+        padding_side=padding_side,
     )
+
+
+def tiny_processor() -> LlavaProcessor:
+    fast = word_tokenizer()
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}
     )
@@ -128,6 +137,29 @@ def tiny_processor() -> LlavaProcessor:
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def save_tiny_clip(folder, vision_config: CLIPVisionConfig, seed: int = 0, text_positions: int = 32) -> CLIPModel:
+    """Save a tiny CLIPModel whose vision tower has ``vision_config``'s shapes, with a word-level tokenizer that
+    wraps text in <s> ... </s> (the text tower pools at </s>)."""
+    torch.manual_seed(seed)
+    text = CLIPTextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        vocab_size=len(VOCAB),
+        max_position_embeddings=text_positions,
+        projection_dim=24,
+        pad_token_id=PAD_TOKEN_ID,
+        bos_token_id=VOCAB["<s>"],
+        eos_token_id=VOCAB["</s>"],
+    )
+    vision = CLIPVisionConfig(**{**vision_config.to_dict(), "projection_dim": 24})
+    clip = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=24)).eval()
+    clip.save_pretrained(folder)
+    word_tokenizer("<s> $A </s>", padding_side="right").save_pretrained(folder)
+    return clip
 
 
 def noise_image(seed: int, size: int = IMAGE_SIZE) -> Image.Image:

@@ -48,8 +48,8 @@ class RandomTokenPruner(TokenPruner):
         super().__init__(model, config)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def select(self, features: torch.Tensor, layer_input, text_embeds) -> list[ImageSelection]:
-        selections = super().select(features, layer_input, text_embeds)
+    def select(self, features: torch.Tensor, vision_states, instructions) -> list[ImageSelection]:
+        selections = super().select(features, vision_states, instructions)
         for selection in selections:
             n = len(selection.fused)
             order = torch.randperm(n, generator=self.generator).float() / max(n - 1, 1)

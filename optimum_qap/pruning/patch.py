@@ -22,7 +22,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
+from .clip_text import ClipTextRelevance
 from .compaction import compact, is_left_padded, placeholder_keep_mask, positions_from_mask
 from .scoring import (
     channel_range,
@@ -57,6 +59,40 @@ def _has_cls_token(vision_tower: nn.Module) -> bool:
     return hasattr(getattr(vision_tower, "vision_model", vision_tower).embeddings, "class_embedding")
 
 
+def _clip_text_tower(model: nn.Module, config) -> tuple[ClipTextRelevance, object]:
+    """CLIP's text tower and image projection for ``config.clip_text_model``, and the LLaVA tokenizer that turns the
+    prompt back into text for it. Reused from the model's previous pruner when the id is unchanged."""
+    previous = getattr(model, "qap_pruner", None)
+    if previous is not None and previous.clip is not None and previous.config.clip_text_model == config.clip_text_model:
+        return previous.clip, previous.instruction_tokenizer
+    tower = model.model.vision_tower
+    if tower.config.model_type != "clip_vision_model":
+        raise ValueError(
+            f"QAPrunerConfig.clip_text_model needs a CLIP vision tower; this model's is {type(tower).__name__}. "
+            "Leave clip_text_model=None to score with the LLM's embeddings."
+        )
+    try:
+        clip = ClipTextRelevance.from_pretrained(config.clip_text_model, dtype=tower.dtype)
+    except OSError as error:
+        message = f"QAPrunerConfig.clip_text_model={config.clip_text_model!r} could not be loaded: {error}"
+        raise ValueError(message) from error
+    if clip.vision_hidden_size != tower.config.hidden_size:
+        raise ValueError(
+            f"QAPrunerConfig.clip_text_model={config.clip_text_model!r} projects {clip.vision_hidden_size}-wide "
+            f"vision features, but this model's vision tower is {tower.config.hidden_size} wide: use the CLIP "
+            "checkpoint the vision tower comes from."
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            "QAPrunerConfig.clip_text_model reads the instruction back as text with the LLaVA tokenizer, looked up "
+            f"where the model was loaded from ({model.name_or_path!r}), and found none: load the model with "
+            "from_pretrained from a folder or repo that holds its tokenizer."
+        ) from error
+    return clip.to(tower.device), tokenizer
+
+
 class TokenPruner:
     """Scores visual tokens (semantic relevance fused with quantization sensitivity) and keeps the top K."""
 
@@ -82,6 +118,9 @@ class TokenPruner:
                     f"'{llava_config.vision_feature_select_strategy}'. Use semantic='cdpruner'."
                 )
         self.image_token_id = llava_config.image_token_id
+        self.clip, self.instruction_tokenizer = (None, None)
+        if config.clip_text_model is not None:
+            self.clip, self.instruction_tokenizer = _clip_text_tower(model, config)
 
     def budget(self, num_tokens: int) -> int:
         return resolve_budget(num_tokens, self.config.keep_ratio, self.config.keep_tokens)
@@ -122,10 +161,20 @@ class TokenPruner:
         error = group_quant_error(features, cfg.sensitivity_group_size, cfg.scoring_bits)
         return torch.maximum(channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12))
 
-    def semantic_scores(self, features: torch.Tensor, layer_input, text_embeds: list[torch.Tensor]) -> torch.Tensor:
+    def semantic_scores(self, features: torch.Tensor, vision_states: dict, instructions: list) -> torch.Tensor:
+        """S^P of each image's N tokens, `[num_images, N]`.
+
+        ``vision_states`` holds the feature layer's ``"input"`` (for [CLS] attention) and ``"output"`` (for CLIP's
+        image projection); ``instructions`` holds each image's instruction as LLM embeddings, or as text when a
+        CLIP text tower is configured.
+        """
         if self.config.semantic == "cls_attention":
-            return cls_attention_scores(layer_input, self._feature_encoder_layer())
-        return torch.stack([instruction_relevance(f, t) for f, t in zip(features, text_embeds, strict=True)])
+            return cls_attention_scores(vision_states["input"], self._feature_encoder_layer())
+        if self.clip is None:
+            return torch.stack([instruction_relevance(f, t) for f, t in zip(features, instructions, strict=True)])
+        patches = vision_states["output"][:, -features.shape[1] :]  # without [CLS] unless the strategy keeps it
+        self.clip.to(patches.device)
+        return torch.stack([self.clip.relevance(p, text) for p, text in zip(patches, instructions, strict=True)])
 
     def _feature_layer_index(self) -> int:
         layer = self.base.config.vision_feature_layer
@@ -136,10 +185,10 @@ class TokenPruner:
     def _feature_encoder_layer(self) -> nn.Module:
         return _vision_encoder_layers(self.base.vision_tower)[self._feature_layer_index()]
 
-    def select(self, features: torch.Tensor, layer_input, text_embeds) -> list[ImageSelection]:
-        """Score [num_images, N, D] projector outputs and choose K tokens per image."""
+    def select(self, features: torch.Tensor, vision_states: dict, instructions: list) -> list[ImageSelection]:
+        """Score [num_images, N, D] projector outputs and choose K tokens per image (see `semantic_scores`)."""
         cfg = self.config
-        semantic = self.semantic_scores(features, layer_input, text_embeds)
+        semantic = self.semantic_scores(features, vision_states, instructions)
         sens = quantization_sensitivity(
             features, cfg.sensitivity_group_size, cfg.scoring_bits, cfg.error_weight, cfg.range_weight
         )
@@ -172,27 +221,35 @@ class TokenPruner:
 
     def encode(self, get_image_features, pixel_values, input_ids, attention_mask, **kwargs):
         """Run the vision path once; return image outputs holding only the kept features, and the selections."""
-        captured = {}
-        hook = None
+        vision_states: dict[str, torch.Tensor] = {}
+        layer = self._feature_encoder_layer()
+        hooks = []
         if self.config.semantic == "cls_attention":
 
-            def capture(_module, args, kw):
-                captured["input"] = args[0] if args else kw["hidden_states"]
+            def capture_input(_module, args, kw):
+                vision_states["input"] = args[0] if args else kw["hidden_states"]
 
-            hook = self._feature_encoder_layer().register_forward_pre_hook(capture, with_kwargs=True)
+            hooks.append(layer.register_forward_pre_hook(capture_input, with_kwargs=True))
+        if self.clip is not None:
+
+            def capture_output(_module, _args, output):
+                vision_states["output"] = output[0] if isinstance(output, tuple) else output
+
+            hooks.append(layer.register_forward_hook(capture_output))
         try:
             outputs = get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
         finally:
-            if hook is not None:
+            for hook in hooks:
                 hook.remove()
         features = torch.stack(list(outputs.pooler_output))
-        text_embeds = self._instruction_embeddings(input_ids, attention_mask, features.shape[0], features.shape[1])
-        selections = self.select(features, captured.get("input"), text_embeds)
+        instructions = self._instructions(input_ids, attention_mask, features.shape[0], features.shape[1])
+        selections = self.select(features, vision_states, instructions)
         outputs.pooler_output = [f[s.kept] for f, s in zip(features, selections, strict=True)]
         self.last = selections
         return outputs, selections
 
-    def _instruction_embeddings(self, input_ids, attention_mask, num_images: int, num_tokens: int):
+    def _instructions(self, input_ids, attention_mask, num_images: int, num_tokens: int) -> list | None:
+        """Each image's instruction (the text tokens of its prompt): LLM input embeddings, or decoded text for CLIP."""
         if self.config.semantic != "cdpruner":
             return None
         if input_ids is None:
@@ -201,8 +258,11 @@ class TokenPruner:
         text = input_ids != self.image_token_id
         if attention_mask is not None:
             text &= attention_mask.bool()
+        ids = [input_ids[row][text[row]] for row in rows.tolist()]
+        if self.clip is not None:
+            return [self.instruction_tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         embed = self.base.get_input_embeddings()
-        return [embed(input_ids[row][text[row]]) for row in rows.tolist()]
+        return [embed(i) for i in ids]
 
 
 def image_rows(input_ids: torch.Tensor, image_token_id: int, num_images: int, full: int, kept: int) -> torch.Tensor:
