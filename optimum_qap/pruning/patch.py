@@ -25,7 +25,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 from .clip_text import ClipTextRelevance
-from .compaction import compact, is_left_padded, placeholder_keep_mask, positions_from_mask
+from .compaction import PlaceholderLayout, compact, placeholder_keep_mask, positions_from_mask
 from .scoring import (
     channel_range,
     cls_attention_scores,
@@ -198,14 +198,15 @@ class TokenPruner:
         k = self.budget(features.shape[1])
         if slots and self.slots > k:
             raise ValueError(f"QAPrunerConfig.outlier_slots={self.slots} exceeds the {k} kept tokens per image.")
+        top = topk_indices(fused, k) if not slots and cfg.selection == "topk" else None  # one batched sort
         selections = []
         for index in range(features.shape[0]):
             if slots:
                 kept = outlier_slot_indices(semantic[index], strength[index], cfg.outlier_ratio, k, self.slots)
-            elif cfg.selection == "dpp":
+            elif top is None:
                 kept = dpp_greedy_indices(features[index], fused[index], k)
             else:
-                kept = topk_indices(fused[index], k)
+                kept = top[index]
             selections.append(
                 ImageSelection(
                     kept,
@@ -219,8 +220,11 @@ class TokenPruner:
             )
         return selections
 
-    def encode(self, get_image_features, pixel_values, input_ids, attention_mask, **kwargs):
-        """Run the vision path once; return image outputs holding only the kept features, and the selections."""
+    def encode(self, get_image_features, pixel_values, input_ids, attention_mask, layout=None, **kwargs):
+        """Run the vision path once; return image outputs holding only the kept features, and the selections.
+
+        ``layout`` is the input's `PlaceholderLayout` when the caller has read it already.
+        """
         vision_states: dict[str, torch.Tensor] = {}
         layer = self._feature_encoder_layer()
         hooks = []
@@ -242,61 +246,48 @@ class TokenPruner:
             for hook in hooks:
                 hook.remove()
         features = torch.stack(list(outputs.pooler_output))
-        instructions = self._instructions(input_ids, attention_mask, features.shape[0], features.shape[1])
+        instructions = self._instructions(input_ids, attention_mask, layout, features.shape[0], features.shape[1])
         selections = self.select(features, vision_states, instructions)
         outputs.pooler_output = [f[s.kept] for f, s in zip(features, selections, strict=True)]
         self.last = selections
         return outputs, selections
 
-    def _instructions(self, input_ids, attention_mask, num_images: int, num_tokens: int) -> list | None:
+    def _instructions(self, input_ids, attention_mask, layout, num_images: int, num_tokens: int) -> list | None:
         """Each image's instruction (the text tokens of its prompt): LLM input embeddings, or decoded text for CLIP."""
         if self.config.semantic != "cdpruner":
             return None
         if input_ids is None:
             raise ValueError("QAPrunerConfig.semantic='cdpruner' needs input_ids to read the instruction.")
-        rows = image_rows(input_ids, self.image_token_id, num_images, num_tokens, self.budget(num_tokens))
+        layout = layout or PlaceholderLayout.read(input_ids, self.image_token_id, attention_mask)
+        rows = layout.image_rows(layout.tokens_per_image(num_images, num_tokens, self.budget(num_tokens)))
         text = input_ids != self.image_token_id
         if attention_mask is not None:
             text &= attention_mask.bool()
-        ids = [input_ids[row][text[row]] for row in rows.tolist()]
+        ids = [input_ids[row][text[row]] for row in rows]
         if self.clip is not None:
             return [self.instruction_tokenizer.decode(i, skip_special_tokens=True) for i in ids]
         embed = self.base.get_input_embeddings()
         return [embed(i) for i in ids]
 
 
-def image_rows(input_ids: torch.Tensor, image_token_id: int, num_images: int, full: int, kept: int) -> torch.Tensor:
-    """Batch row of each image, from the placeholders (N or K of them per image)."""
-    per_row = (input_ids == image_token_id).sum(1)
-    total = int(per_row.sum())
-    per_image = full if total == num_images * full else kept
-    if total != num_images * per_image:
-        raise ValueError(
-            f"Image features and image tokens do not match: {num_images} image(s) need {num_images * full} "
-            f"placeholders (or {num_images * kept} after pruning), the input has {total}."
-        )
-    return torch.repeat_interleave(torch.arange(input_ids.shape[0], device=input_ids.device), per_row // per_image)
-
-
-def _kept_mask(selections: list[ImageSelection], num_tokens: int, device) -> torch.Tensor:
-    mask = torch.zeros(len(selections), num_tokens, dtype=torch.bool, device=device)
-    for index, selection in enumerate(selections):
-        mask[index, selection.kept] = True
-    return mask
-
-
-def compact_inputs(pruner: TokenPruner, selections, num_tokens: int, input_ids, attention_mask, extra):
+def compact_inputs(
+    pruner: TokenPruner, selections, num_tokens: int, layout: PlaceholderLayout, input_ids, attention_mask, extra
+):
     """Drop pruned placeholders when the input holds all N per image; a no-op when it holds K already."""
-    kept_total = sum(len(s.kept) for s in selections)
-    if int((input_ids == pruner.image_token_id).sum()) == kept_total:
+    num_images, budget = len(selections), len(selections[0].kept)
+    if layout.tokens_per_image(num_images, num_tokens, budget) == budget:
         return input_ids, attention_mask, extra
-    keep = placeholder_keep_mask(input_ids, pruner.image_token_id, _kept_mask(selections, num_tokens, input_ids.device))
+    kept = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=input_ids.device)
+    kept.scatter_(1, torch.stack([s.kept for s in selections]).to(input_ids.device), True)
+    keep = placeholder_keep_mask(input_ids, pruner.image_token_id, kept)
+    removed = [count // num_tokens * (num_tokens - budget) for count in layout.per_row]
     pad_id = pruner.base.config.text_config.pad_token_id
     fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "labels": -100}
     tensors = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
-    result = compact(keep, tensors, fills, is_left_padded(attention_mask))
+    new_length = input_ids.shape[1] - min(removed)
+    result = compact(keep, tensors, fills, not layout.right_padded, new_length)
     padding = result.pop("padding")
-    if result["attention_mask"] is None and bool(padding.any()):
+    if result["attention_mask"] is None and len(set(removed)) > 1:  # rows now differ in length
         result["attention_mask"] = (~padding).long()
     return result.pop("input_ids"), result.pop("attention_mask"), result
 
@@ -305,11 +296,15 @@ def _encode_and_compact(model, pixel_values, input_ids, attention_mask, extra, v
     pruner: TokenPruner = model.qap_pruner
     if input_ids is None:
         raise ValueError("QAPruner token pruning needs input_ids to locate the image placeholders.")
+    # read before the vision tower is queued: afterwards nothing waits on the device until the language model runs
+    layout = PlaceholderLayout.read(input_ids, pruner.image_token_id, attention_mask)
     outputs, selections = pruner.encode(
-        model._qap_original["get_image_features"], pixel_values, input_ids, attention_mask, **vision_kwargs
+        model._qap_original["get_image_features"], pixel_values, input_ids, attention_mask, layout, **vision_kwargs
     )
     num_tokens = len(selections[0].semantic)
-    input_ids, attention_mask, extra = compact_inputs(pruner, selections, num_tokens, input_ids, attention_mask, extra)
+    input_ids, attention_mask, extra = compact_inputs(
+        pruner, selections, num_tokens, layout, input_ids, attention_mask, extra
+    )
     return outputs, input_ids, attention_mask, extra
 
 

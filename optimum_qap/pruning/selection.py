@@ -38,16 +38,16 @@ def resolve_budget(num_tokens: int, keep_ratio: float | None, keep_tokens: int |
 
 
 def topk_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the `k` highest `scores` (`[N]`), sorted ascending.
+    """Indices of the `k` highest `scores` (`[..., N]`, one row per image), sorted ascending: `[..., k]`.
 
     `torch.topk` does not specify which of equal scores it returns, so a stable descending sort
     is used instead: among equal scores the lower index is kept.
     """
     num_tokens = scores.shape[-1]
     if k >= num_tokens:
-        return torch.arange(num_tokens, device=scores.device)
-    order = torch.sort(scores.float(), descending=True, stable=True).indices
-    return torch.sort(order[:k]).values
+        return torch.arange(num_tokens, device=scores.device).expand(scores.shape)
+    order = torch.sort(scores.float(), dim=-1, descending=True, stable=True).indices
+    return torch.sort(order[..., :k], dim=-1).values
 
 
 def dpp_kernel(features: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
