@@ -17,6 +17,9 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import IMAGE_TOKEN_ID, machine, median_seconds, save_llava_7b_shaped  # noqa: E402
 
+from optimum_qap.pruning.compaction import PlaceholderLayout  # noqa: E402
+from optimum_qap.pruning.patch import compact_inputs  # noqa: E402
+
 
 def prompt_ids(num_image_tokens: int, text_tokens: int = 40) -> torch.Tensor:
     generator = torch.Generator().manual_seed(0)
@@ -53,10 +56,25 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
     def vision_only():
         return original_features(pixel_values=pixel_values, return_dict=True)
 
+    pruner = model.qap_pruner
+    features, vision_states = captured_vision(model, pixel_values)
+
+    def pruner_alone():
+        """What pruning adds to the ideal prefill: the layout read, scoring, selection and compaction."""
+        layout = PlaceholderLayout.read(full_ids, pruner.image_token_id, None)
+        selections = pruner.select(features, vision_states, None)
+        return compact_inputs(pruner, selections, 576, layout, full_ids, None, {})
+
     with torch.inference_mode():
         seconds = {
             name: median_seconds(fn, repeats)
-            for name, fn in [("pruned", pruned), ("unpruned", unpruned), ("ideal", ideal), ("vision_only", vision_only)]
+            for name, fn in [
+                ("pruned", pruned),
+                ("unpruned", unpruned),
+                ("ideal", ideal),
+                ("vision_only", vision_only),
+                ("pruner_alone", pruner_alone),
+            ]
         }
     return {
         "keep_ratio": keep_ratio,
@@ -64,7 +82,23 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         **{f"{k}_s": v for k, v in seconds.items()},
         "pruned_over_ideal": seconds["pruned"] / seconds["ideal"],
         "pruned_over_unpruned": seconds["pruned"] / seconds["unpruned"],
+        "pruner_alone_over_ideal": seconds["pruner_alone"] / seconds["ideal"],
     }
+
+
+def captured_vision(model, pixel_values) -> tuple[torch.Tensor, dict]:
+    """The projector outputs and the feature layer's input, as the pruner sees them in a forward."""
+    states = {}
+    layer = model.qap_pruner._feature_encoder_layer()
+    hook = layer.register_forward_pre_hook(
+        lambda _m, args, kw: states.update(input=args[0] if args else kw["hidden_states"]), with_kwargs=True
+    )
+    try:
+        with torch.inference_mode():
+            outputs = model._qap_original["get_image_features"](pixel_values=pixel_values, return_dict=True)
+    finally:
+        hook.remove()
+    return torch.stack(list(outputs.pooler_output)), states
 
 
 def main() -> None:

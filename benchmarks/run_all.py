@@ -45,15 +45,17 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         f"Measured by `python benchmarks/run_all.py` on {device}, torch {machine['torch']}, transformers "
         f"{machine['transformers']}, {results['date']}. Models are LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + "
         "Vicuna-7B shapes) with random weights and the decoder truncated; every ratio is measured side by side in "
-        "one run. On a CUDA machine the same command measures the GPU; the H200 rows at the end were measured with the "
-        "individual scripts on a lent GPU.",
+        "one run. On a CUDA machine the same command measures the GPU; figures measured on lent GPUs are in "
+        "[performance-cuda.md](performance-cuda.md).",
         "",
         "## Prefill: pruned vs unpruned vs ideal (the same model fed only K image tokens)",
         "",
         f"`{commands['prefill']}` (and `--dtype bfloat16 --keep-ratios 1.0,0.125`)",
         "",
         "The scoring share is (pruned - ideal) / pruned: the cost of scoring, selection, compaction. Values near 0",
-        "or below it are timing noise between two runs of nearly the same work (median of 2 runs each).",
+        "or below it are timing noise between two runs of nearly the same work (median of 2 runs each). The last",
+        "column times the pruner's own work (layout read, scoring, selection, compaction) alone on captured vision",
+        "outputs, which is not subject to that noise.",
         "",
     ]
     rows = []
@@ -71,6 +73,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
                     row["pruned_over_ideal"],
                     row["pruned_over_unpruned"],
                     scoring,
+                    row.get("pruner_alone_over_ideal", "-"),
                 ]
             )
     lines += table(
@@ -84,6 +87,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
             "pruned/ideal",
             "pruned/unpruned",
             "scoring share of prefill",
+            "pruner alone / ideal",
         ],
         rows,
     )
