@@ -34,7 +34,7 @@ import torch
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 import optimum_qap
-from optimum_qap.config import SEMANTIC_SCORES
+from optimum_qap.config import AUTO_CRITERIA, SEMANTIC_SCORES
 from optimum_qap.demo import DEMO_MODEL_PATH, make_dataset
 from optimum_qap.demo.planted import PLANTED_CONFIG_KEY, build_planted_demo, grid_corners, weights_sha256
 from optimum_qap.evaluation import attach_random_pruner, load_eval_dataset, wilson_interval
@@ -248,7 +248,11 @@ def evaluate_model(name, path, args, processor, dataset, samples, corners) -> di
     gc.collect()
     for granularity in args.granularities:
         config = optimum_qap.QAPrunerConfig(
-            a_granularity=granularity, keep_ratio=1.0, semantic=args.semantic, auto_max_samples=args.auto_samples
+            a_granularity=granularity,
+            keep_ratio=1.0,
+            semantic=args.semantic,
+            auto_max_samples=args.auto_samples,
+            auto_criterion=args.auto_criterion,
         )
         model = LlavaForConditionalGeneration.from_pretrained(path, quantization_config=config).eval()
         optimum_qap.cache_dequantized_weights(model)
@@ -337,13 +341,13 @@ def is_current(planted_dir: Path, source: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=100, help="test questions")
-    parser.add_argument("--calib-samples", type=int, default=16, help="training samples for calibration and auto")
-    parser.add_argument("--auto-samples", type=int, default=16, help="of those, used by the alpha/slot choice")
+    parser.add_argument("--calib-samples", type=int, default=32, help="training samples for calibration and auto")
+    parser.add_argument("--auto-samples", type=int, default=32, help="of those, used by the alpha/slot choice")
     parser.add_argument(
         "--auto-criterion",
-        default="answer",
-        choices=("answer", "kl"),
-        help="what select_fusion minimises: the answer's cross-entropy, or the KL to the unpruned compressed model",
+        default="kl",
+        choices=AUTO_CRITERIA,
+        help="QAPrunerConfig.auto_criterion: KL to the unpruned model at the answer position, or answer cross-entropy",
     )
     parser.add_argument("--semantic", default="cls_attention", choices=SEMANTIC_SCORES, help="S^P of every pruner")
     parser.add_argument("--plant-images", type=int, default=32, help="training images the planting is measured on")
@@ -375,8 +379,6 @@ def main() -> None:
     processor = AutoProcessor.from_pretrained(planted_dir)
     dataset = load_eval_dataset("demo", limit=args.limit)
     samples = calibration_samples(args.calib_samples)
-    if args.auto_criterion == "kl":  # select_fusion scores samples without an answer by KL to the unpruned model
-        samples = [{"image": s["image"], "text": s["text"]} for s in samples]
     planted_config = json.loads((planted_dir / "config.json").read_text())
     corners = set(planted_config.get(PLANTED_CONFIG_KEY, {}).get("positions", []))
     if not corners:

@@ -18,6 +18,7 @@ ACTIVATION_BITS = (2, 3, 4, 8, 16)
 ACTIVATION_GRANULARITIES = ("per_token", "per_group", "static_per_channel", "static_per_tensor")
 STATIC_GRANULARITIES = ("static_per_channel", "static_per_tensor")
 SEMANTIC_SCORES = ("cls_attention", "cdpruner")
+AUTO_CRITERIA = ("kl", "answer")
 SELECTIONS = ("topk", "dpp")
 FUSIONS = ("weighted", "outlier_slots")
 AUTO = "auto"
@@ -134,6 +135,9 @@ class QAPrunerConfig(QuantizationConfigMixin):
         outlier_slots: m, an int >= 0 or "auto" (chosen from `slot_grid` like alpha).
         slot_grid: the values of m that "auto" tries (those above K are skipped).
         auto_max_samples: at most this many calibration samples are used by the "auto" choices (bounds their cost).
+        auto_criterion: what "auto" minimises. "kl": KL divergence of the next-token distribution at the answer
+            position (the prompt's last position) from the unpruned model's; needs no answers. "answer": the
+            cross-entropy of each sample's "answer".
         semantic: "cls_attention" ([CLS] attention of the vision tower) or "cdpruner" (instruction relevance).
         clip_text_model: with semantic="cdpruner", a CLIP checkpoint (Hub id or folder, e.g.
             "openai/clip-vit-large-patch14-336") whose text tower encodes the instruction and whose image projection
@@ -177,7 +181,8 @@ class QAPrunerConfig(QuantizationConfigMixin):
         fusion: str = "weighted",
         outlier_slots: int | str = AUTO,
         slot_grid: list[int] | None = None,
-        auto_max_samples: int = 16,
+        auto_max_samples: int = 32,
+        auto_criterion: str = "kl",
         semantic: str = "cls_attention",
         clip_text_model: str | None = None,
         selection: str = "topk",
@@ -214,6 +219,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.outlier_slots = outlier_slots
         self.slot_grid = [0, 1, 2, 4, 8] if slot_grid is None else copy.deepcopy(slot_grid)
         self.auto_max_samples = auto_max_samples
+        self.auto_criterion = auto_criterion
         self.semantic = semantic
         self.clip_text_model = clip_text_model
         self.selection = selection
@@ -272,6 +278,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         ):
             raise _invalid("slot_grid", self.slot_grid, "expected a non-empty list of integers >= 0")
         _check_positive_int("auto_max_samples", self.auto_max_samples)
+        _check_choice("auto_criterion", self.auto_criterion, AUTO_CRITERIA)
         _check_choice("semantic", self.semantic, SEMANTIC_SCORES)
         if self.clip_text_model is not None:
             if not isinstance(self.clip_text_model, str) or not self.clip_text_model:

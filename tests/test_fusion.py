@@ -58,7 +58,7 @@ def test_alpha_auto_chooses_the_least_divergent_value_and_survives_save(tiny_rep
     assert set(record["alpha_curve"]) == {"0.0", "0.3", "0.6", "1.0"}
     chosen = record["alpha_curve"][str(record["alpha"])]
     assert record["alpha"] == 1.0 or chosen < record["alpha_curve"]["1.0"]  # baseline unless it beats it
-    assert record["criterion"] == "KL to unpruned" and record["samples"] == 2
+    assert record["criterion"] == "KL to unpruned at the answer position" and record["samples"] == 2
     assert record["seconds_per_point_per_sample"] > 0
     model(**inputs())
     kept = [s.kept for s in last_selection(model)]
@@ -80,13 +80,31 @@ def test_choose_keeps_the_baseline_unless_a_candidate_beats_it_beyond_noise():
 
 
 def test_select_fusion_scores_answers_by_cross_entropy(tiny_repo):
-    model = load(tiny_repo, calibration=None)
+    model = load(tiny_repo, calibration=None, auto_criterion="answer")
     samples = [{"image": tiny.noise_image(i), "text": "what colors ?", "answer": "red"} for i in range(2)]
+    with pytest.raises(ValueError, match=r'auto_criterion="answer" scores each sample\'s "answer", and sample 1 has'):
+        optimum_qap.select_fusion(model, tiny.tiny_processor(), [samples[0], {**samples[1], "answer": ""}])
     record = optimum_qap.select_fusion(model, tiny.tiny_processor(), samples, progress=False)
     assert record["criterion"] == "answer cross-entropy"
     assert model.config.quantization_config.alpha == "auto"
     assert model.qap_pruner.alpha == record["alpha"]
     assert all(value > 0 for value in record["alpha_curve"].values())
+
+
+def test_kl_criterion_compares_the_answer_position_with_the_unpruned_model(tiny_repo):
+    model = load(tiny_repo, calibration=None, alpha_grid=[0.5])
+    sample = {"image": tiny.noise_image(3), "text": "how many shapes are there ?"}
+    record = optimum_qap.select_fusion(model, tiny.tiny_processor(), [sample], progress=False)
+    inputs = optimum_qap.calibration.model_inputs(model, tiny.tiny_processor(), sample["image"], sample["text"])
+    with torch.no_grad(), optimum_qap.pruning_disabled(model):
+        reference = torch.log_softmax(model(**inputs).logits[0, -1], -1)
+    for alpha in (0.0, 0.5, 1.0):
+        model.qap_pruner.alpha_override = alpha
+        with torch.no_grad():
+            pruned = torch.log_softmax(model(**inputs).logits[0, -1], -1)
+        expected = float((reference.exp() * (reference - pruned)).sum())
+        assert record["alpha_curve"][str(alpha)] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    model.qap_pruner.alpha_override = None
 
 
 def test_kl_against_itself_is_zero_without_pruning(tiny_repo):
