@@ -409,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--alpha",
         type=alpha_or_auto,
-        default=DEFAULT_ALPHA,
-        help=f'S = alpha S^P + (1 - alpha) S^Q ({DEFAULT_ALPHA}); "auto" chooses it on the calibration samples',
+        help=f'S = alpha S^P + (1 - alpha) S^Q; "auto" chooses it on the calibration samples (default: "auto" when '
+        f"calibrating, else {DEFAULT_ALPHA})",
     )
     p.add_argument(
         "--fusion",

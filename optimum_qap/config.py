@@ -22,8 +22,9 @@ AUTO_CRITERIA = ("kl", "answer")
 SELECTIONS = ("topk", "dpp")
 FUSIONS = ("weighted", "outlier_slots")
 AUTO = "auto"
-# The top of the authors' public range (0.3-0.7): on the demo model, which has no visual outlier tokens, accuracy at
-# 12.5 % retention rose with alpha (docs/results.md), while the paper's gains need some weight on S^Q.
+# alpha when no calibration samples are given (with samples the default is "auto", docs/results.md): the top of the
+# authors' public range (0.3-0.7). The demo models favour alpha 1, the paper's gains on real LLaVA need weight on S^Q;
+# without samples to decide, the paper's method is the default.
 DEFAULT_ALPHA = 0.7
 
 
@@ -126,8 +127,9 @@ class QAPrunerConfig(QuantizationConfigMixin):
         keep_ratio: share of visual tokens that reach the language model (1.0 disables pruning).
         keep_tokens: absolute number of kept visual tokens per image; overrides keep_ratio.
         alpha: fusion weight, S = alpha * S^P + (1 - alpha) * S^Q; 1.0 is the semantic-only pruner. "auto" picks
-            it from `alpha_grid` on the calibration samples (the value with the least divergence from the model's
-            unpruned outputs; see `optimum_qap.select_fusion`).
+            it from `alpha_grid` on the calibration samples (semantic only unless a value brings the model's outputs
+            measurably closer to the unpruned ones; see `optimum_qap.select_fusion`). Default (None): "auto" when
+            `calibration` is given, else 0.7.
         alpha_grid: the values "auto" tries; 0.0 and 1.0 (semantic only) are always tried as well.
         fusion: "weighted" (the paper's S) or "outlier_slots": reserve up to `outlier_slots` of the K tokens for
             tokens whose range or group-quantization error is a genuine outlier relative to the calibrated token
@@ -176,7 +178,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         outlier_ratio: float = 20.0,
         keep_ratio: float = 0.125,
         keep_tokens: int | None = None,
-        alpha: float | str = DEFAULT_ALPHA,
+        alpha: float | str | None = None,
         alpha_grid: list[float] | None = None,
         fusion: str = "weighted",
         outlier_slots: int | str = AUTO,
@@ -213,7 +215,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.outlier_ratio = outlier_ratio
         self.keep_ratio = keep_ratio
         self.keep_tokens = keep_tokens
-        self.alpha = alpha
+        self.alpha = (AUTO if calibration is not None else DEFAULT_ALPHA) if alpha is None else alpha
         self.alpha_grid = [0.0, 0.25, 0.5, 0.75, 1.0] if alpha_grid is None else copy.deepcopy(alpha_grid)
         self.fusion = fusion
         self.outlier_slots = outlier_slots

@@ -151,3 +151,16 @@ def test_outlier_slots_auto_picks_from_the_grid(tiny_repo):
     record = model.config.quantization_config.auto_selection
     assert set(record["slot_curve"]) == {"0", "1", "2"}  # 8 exceeds K = 4 and is skipped
     assert record["outlier_slots"] in (0, 1, 2) and model.qap_pruner.slots == record["outlier_slots"]
+
+
+def test_alpha_defaults_to_auto_when_calibration_samples_are_given(tiny_repo):
+    assert QAPrunerConfig().alpha == 0.7  # nothing to decide with: the paper's hybrid score
+    assert QAPrunerConfig(calibration="builtin").alpha == "auto"
+    assert QAPrunerConfig(calibration="builtin", alpha=0.5).alpha == 0.5
+    saved = QAPrunerConfig(calibration="builtin").to_dict()
+    assert QAPrunerConfig.from_dict(saved | {"calibration": None, "auto_selection": {"alpha": 1.0}}).alpha == "auto"
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tiny_repo, quantization_config=QAPrunerConfig(keep_ratio=0.25, calibration="builtin", num_calibration_samples=2)
+    )
+    record = model.config.quantization_config.auto_selection
+    assert record["samples"] == 2 and model.qap_pruner.alpha == record["alpha"]
