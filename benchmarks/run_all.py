@@ -192,6 +192,12 @@ def main() -> None:
     parser.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results.json"))
     parser.add_argument("--markdown", default=os.path.join(ROOT, "docs", "performance.md"))
     parser.add_argument("--render-only", action="store_true", help="rewrite the markdown from an existing --json")
+    parser.add_argument(
+        "--only",
+        type=lambda text: set(text.split(",")),
+        default={"memory", "prefill", "generation", "linear"},
+        help="comma list of memory,prefill,generation,linear to re-measure; the rest is kept from --json",
+    )
     args = parser.parse_args()
     commands = {
         "prefill": "python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 --dtype float32"
@@ -207,7 +213,11 @@ def main() -> None:
             handle.write(markdown(results, commands))
         return
     workdir = ["--workdir", args.workdir]
-    results = {"date": time.strftime("%Y-%m-%d")}
+    results = {}
+    if args.only != {"memory", "prefill", "generation", "linear"}:
+        with open(args.json) as handle:
+            results = json.load(handle)
+    results["date"] = time.strftime("%Y-%m-%d")
 
     def keep(name: str, value: dict) -> None:
         """Record a result and write what exists so far: a later failure loses nothing."""
@@ -215,18 +225,31 @@ def main() -> None:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)
 
-    keep("memory", run("load_memory.py", "--decoder-layers", "4", *workdir))
-    prefill = {}
-    for dtype, ratios in (("float32", "1.0,0.5,0.25,0.125"), ("bfloat16", "1.0,0.125")):
-        prefill[dtype] = run(
-            "prefill.py", "--decoder-layers", "2", "--keep-ratios", ratios, "--dtype", dtype, "--repeats", "2", *workdir
+    if "memory" in args.only:
+        keep("memory", run("load_memory.py", "--decoder-layers", "4", *workdir))
+    if "prefill" in args.only:
+        prefill = {}
+        for dtype, ratios in (("float32", "1.0,0.5,0.25,0.125"), ("bfloat16", "1.0,0.125")):
+            prefill[dtype] = run(
+                "prefill.py",
+                "--decoder-layers",
+                "2",
+                "--keep-ratios",
+                ratios,
+                "--dtype",
+                dtype,
+                "--repeats",
+                "2",
+                *workdir,
+            )
+            keep("prefill", prefill)
+    if "generation" in args.only:
+        keep(
+            "generation",
+            run("generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir),
         )
-        keep("prefill", prefill)
-    keep(
-        "generation",
-        run("generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir),
-    )
-    keep("linear", run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3"))
+    if "linear" in args.only:
+        keep("linear", run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3"))
     with open(args.markdown, "w") as handle:
         handle.write(markdown(results, commands))
     print(f"wrote {args.json} and {args.markdown}")

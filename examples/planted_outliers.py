@@ -311,6 +311,40 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _delta(row: dict) -> str:
+    stats = row["delta_kl_vs_semantic"]
+    if stats["ci95"] == [0.0, 0.0]:
+        return "0 (same tokens)"
+    low, high = stats["ci95"]
+    return f"{stats['mean']:+.2f} ({low:+.2f}, {high:+.2f})"
+
+
+def summary_table(report: dict) -> str:
+    """One line per model, granularity and keep ratio: semantic-only KL to the full-precision unpruned model, and
+    every other selection's paired KL difference to it (negative = closer to the unpruned model)."""
+    methods = ["alpha=0.3", "alpha=0.5", "alpha=0.7", "alpha=auto", "outlier slots", "random"]
+    lines = [
+        "| model | W4A4 | keep | semantic: KL, acc % | " + " | ".join(methods) + " |",
+        "|" + "---|" * (4 + len(methods)),
+    ]
+    for model_name, model_report in report["models"].items():
+        for granularity, table in model_report["granularities"].items():
+            rows = [r for r in table["rows"] if r["keep_ratio"] is not None]
+            for ratio in dict.fromkeys(r["keep_ratio"] for r in rows):
+                at = {r["method"].split(" (")[0]: r for r in rows if r["keep_ratio"] == ratio}
+                semantic = at["semantic only"]
+                cells = []
+                for method in methods:
+                    row = at[method]
+                    chosen = row["method"].split("-> ")[1].rstrip(")") if "-> " in row["method"] else None
+                    cells.append((f"-> {chosen}: " if chosen else "") + _delta(row))
+                lines.append(
+                    f"| {model_name.split(' ')[0]} | {granularity} | {ratio:.1%} | {semantic['kl']['mean']:.2f}, "
+                    f"{100 * semantic['accuracy']:.0f} | " + " | ".join(cells) + " |"
+                )
+    return "\n".join(lines)
+
+
 def verdicts(report: dict) -> list[str]:
     """Per model, granularity and keep ratio: are auto / outlier slots worse or better than semantic beyond noise?"""
     lines = []
@@ -361,7 +395,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="runs/planted_outliers.json")
+    parser.add_argument("--summary", metavar="JSON", help="only print the summary table of an earlier run's JSON")
     args = parser.parse_args()
+    if args.summary:
+        print(summary_table(json.loads(Path(args.summary).read_text())))
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     command = shlex.join(["python", "examples/planted_outliers.py", *sys.argv[1:]])
@@ -417,6 +455,8 @@ def main() -> None:
                 f"{table['max_calibrated_channel_ratio']:.1f})\n"
             )
             print(format_table(table["rows"]))
+    print("\n## Summary: KL to the full-precision unpruned model, difference to semantic only\n")
+    print(summary_table(report))
     print("\n## auto / outlier slots vs semantic only\n")
     print("\n".join(report["verdicts"]))
     print(f"\n{report['seconds']:.0f} s; JSON: {output}\ncommand: {command}")
