@@ -15,7 +15,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import IMAGE_TOKEN_ID, machine, median_seconds, save_llava_7b_shaped  # noqa: E402
+from common import IMAGE_TOKEN_ID, interleaved_medians, machine, save_llava_7b_shaped  # noqa: E402
 
 from optimum_qap.pruning.compaction import PlaceholderLayout  # noqa: E402
 from optimum_qap.pruning.patch import compact_inputs  # noqa: E402
@@ -66,16 +66,8 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         return compact_inputs(pruner, selections, 576, layout, full_ids, None, {})
 
     with torch.inference_mode():
-        seconds = {
-            name: median_seconds(fn, repeats)
-            for name, fn in [
-                ("pruned", pruned),
-                ("unpruned", unpruned),
-                ("ideal", ideal),
-                ("vision_only", vision_only),
-                ("pruner_alone", pruner_alone),
-            ]
-        }
+        fns = {"pruned": pruned, "unpruned": unpruned, "ideal": ideal, "vision_only": vision_only}
+        seconds = interleaved_medians(fns | {"pruner_alone": pruner_alone}, repeats)
     return {
         "keep_ratio": keep_ratio,
         "kept_tokens": keep,

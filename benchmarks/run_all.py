@@ -53,7 +53,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         f"`{commands['prefill']}` (and `--dtype bfloat16 --keep-ratios 1.0,0.125`)",
         "",
         "The scoring share is (pruned - ideal) / pruned: the cost of scoring, selection, compaction. Values near 0",
-        "or below it are timing noise between two runs of nearly the same work (median of 2 runs each). The last",
+        "or below it are timing noise between two runs of nearly the same work (median of 5 runs each, the five timed "
+        "calls taken in turn within every repeat). The last",
         "column times the pruner's own work (layout read, scoring, selection, compaction) alone on captured vision",
         "outputs, which is not subject to that noise.",
         "",
@@ -201,7 +202,7 @@ def main() -> None:
     args = parser.parse_args()
     commands = {
         "prefill": "python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 --dtype float32"
-        " --repeats 2",
+        " --repeats 5",
         "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers --repeats 3",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4",
@@ -239,7 +240,7 @@ def main() -> None:
                 "--dtype",
                 dtype,
                 "--repeats",
-                "2",
+                "5",
                 *workdir,
             )
             keep("prefill", prefill)

@@ -276,3 +276,17 @@ def test_attach_pruner_changes_what_is_saved_but_not_the_quantization(tiny_repo,
     assert LlavaForConditionalGeneration.from_pretrained(tmp_path).qap_pruner.config.alpha == 0.3
     with pytest.raises(ValueError, match=r"pruning settings only; \['w_bits'\]"):
         optimum_qap.attach_pruner(model, QAPrunerConfig(w_bits=8, a_granularity="static_per_tensor"))
+
+
+def test_get_image_features_returns_the_kept_tokens_in_every_calling_convention(tiny_repo):
+    model = load(tiny_repo)
+    pixel_values = batch()["pixel_values"]
+    with pruning_disabled(model):
+        full = model.model.get_image_features(pixel_values=pixel_values).pooler_output
+    for kwargs in ({}, {"return_dict": True}):
+        kept = model.model.get_image_features(pixel_values=pixel_values, **kwargs).pooler_output
+        assert [k.shape[0] for k in kept] == [4, 4, 4]
+        for features, image, selection in zip(kept, full, last_selection(model), strict=True):
+            assert torch.equal(features, image[selection.kept])
+    as_tuple = model.model.get_image_features(pixel_values=pixel_values, return_dict=False)
+    assert isinstance(as_tuple, tuple) and any(isinstance(x, list) and len(x) == 3 for x in as_tuple)

@@ -374,8 +374,10 @@ def pruned_image_features(model, pixel_values, **kwargs):
     original = model._qap_original["get_image_features"]
     if not pruner.enabled:
         return original(pixel_values=pixel_values, **kwargs)
+    # encode always asks for the output object; honour the caller's return_dict as transformers' can_return_tuple does
+    return_dict = kwargs.pop("return_dict", None)
     outputs, _ = pruner.encode(original, pixel_values, None, None, **kwargs)
-    return outputs
+    return outputs if (pruner.base.config.return_dict if return_dict is None else return_dict) else outputs.to_tuple()
 
 
 def _wrapper(function, model: nn.Module, original) -> functools.partial:
