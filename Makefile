@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 .PHONY: demo test
 # the main job: compress the shipped demo LLaVA (W4A4 + QAPruner), then evaluate it in the shape of the paper's Table 1
 demo: $(VENV)/.installed
-	$(VENV)/bin/optimum-qap compress --output runs/demo-qap --overwrite
+	mkdir -p runs
+	$(VENV)/bin/optimum-qap compress --output runs/demo-qap --overwrite --calib-samples 32
 	$(VENV)/bin/optimum-qap eval --limit 100 --output runs/demo-eval.json
 
 test: $(VENV)/.installed
