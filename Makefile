@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	mkdir -p runs
 	$(VENV)/bin/optimum-qap compress --output runs/demo-qap --overwrite --calib-samples 32
-	$(VENV)/bin/optimum-qap eval --limit 100 --output runs/demo-eval.json
+	$(VENV)/bin/optimum-qap eval --limit 100 --alphas 0.7,auto --calib-samples 32 --output runs/demo-eval.json
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

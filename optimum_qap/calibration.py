@@ -188,7 +188,6 @@ def config_samples(model: nn.Module) -> tuple[object, list[dict]]:
     from transformers import AutoProcessor
 
     config = model.config.quantization_config
-    source = config.calibration
     try:
         processor = AutoProcessor.from_pretrained(model.config.name_or_path)
     except (OSError, ValueError) as error:
@@ -197,8 +196,14 @@ def config_samples(model: nn.Module) -> tuple[object, list[dict]]:
             f"but it could not be loaded ({error}); load the model without `calibration` and call "
             "`optimum_qap.calibrate(model, processor, samples)` instead."
         ) from error
-    samples = builtin_calibration_samples(config.num_calibration_samples) if source == "builtin" else source
-    return processor, samples
+    return processor, named_samples(config)
+
+
+def named_samples(config) -> list[dict]:
+    """The calibration samples a QAPrunerConfig names: the built-in ones, or its own list."""
+    if config.calibration == "builtin":
+        return builtin_calibration_samples(config.num_calibration_samples)
+    return list(config.calibration or [])
 
 
 def outlier_report(model: nn.Module, outlier_ratio: float | None = None) -> dict[str, LayerOutliers]:

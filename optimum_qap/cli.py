@@ -309,7 +309,8 @@ def evaluate(args: argparse.Namespace) -> int:
     check_llava(name)
     dataset = load_eval_dataset(args.dataset, args.limit, args.data_file)
     processor = load_processor(name)
-    config = make_config(args, keep_ratio=args.keep_ratios[0], alpha=args.alphas[0])
+    base_alpha = "auto" if "auto" in args.alphas else args.alphas[0]  # "auto" makes the config name samples
+    config = make_config(args, keep_ratio=args.keep_ratios[0], alpha=base_alpha)
     results = run_table(
         lambda cfg: load_model(name, args, cfg),
         processor,
@@ -442,10 +443,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--alphas",
-        type=comma_list(alpha),
+        type=comma_list(alpha_or_auto),
         default=[DEFAULT_ALPHA],
         metavar="A1,A2,...",
-        help=f"QAPruner alphas, one row each per keep ratio (default {DEFAULT_ALPHA})",
+        help=f'QAPruner alphas, one row each per keep ratio; "auto" lets the model choose (default {DEFAULT_ALPHA})',
     )
     _quant_options(p)
     p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default 8)")

@@ -123,6 +123,26 @@ def test_eval_demo_with_static_activations(tiny_repo, capsys):
     assert "| W4A4 + QAPruner (alpha=0) | 8 (50.0%) | " in out
 
 
+def test_eval_alpha_auto_row_is_chosen_per_keep_ratio(tiny_repo, capsys, monkeypatch):
+    chosen = []
+    select = optimum_qap.evaluation.runner.select_fusion
+
+    def recording(model, processor, samples, **kwargs):
+        record = select(model, processor, samples, **kwargs)
+        chosen.append((model.qap_pruner.budget(tiny.NUM_PATCHES), len(samples), record["alpha"]))
+        return record
+
+    monkeypatch.setattr(optimum_qap.evaluation.runner, "select_fusion", recording)
+    argv = ["eval", tiny_repo, "--limit", "2", "--keep-ratios", "0.5,0.25", "--alphas", "0.5,auto", "--calib-samples",
+            "2"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert [(k, n) for k, n, _ in chosen] == [(8, 2), (4, 2)]
+    for k, ratio, (_, _, alpha) in zip((8, 4), ("50.0%", "25.0%"), chosen, strict=True):
+        assert f"| W4A4 + QAPruner (alpha=auto -> {alpha:g}) | {k} ({ratio}) | " in out
+    assert "| W4A4 + QAPruner (alpha=0.5) | 8 (50.0%) | " in out
+
+
 def test_visualize_writes_png(tiny_repo, tmp_path, capsys):
     image, output = tmp_path / "in.png", tmp_path / "kept.png"
     tiny.noise_image(3, size=80).save(image)

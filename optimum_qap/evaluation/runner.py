@@ -17,8 +17,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import format_prompt, to_model
+from ..calibration import format_prompt, named_samples, to_model
 from ..config import QAPrunerConfig
+from ..pruning.auto import select_fusion
 from ..pruning.patch import ImageSelection, TokenPruner, attach_pruner, visual_tokens_per_image
 from ..pruning.selection import resolve_budget, topk_indices
 from .datasets import EvalDataset, EvalItem
@@ -165,14 +166,15 @@ def run_table(
     dataset: EvalDataset,
     config: QAPrunerConfig,
     keep_ratios: Sequence[float] = (0.5, 0.25, 0.125),
-    alphas: Sequence[float] = (0.5,),
+    alphas: Sequence[float | str] = (0.5,),
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = True,
 ) -> list[Result]:
     """Evaluate every row; ``load_model(None)`` loads the full-precision model, ``load_model(config)`` quantizes.
 
-    Each model is loaded once (the full-precision one is released before the quantized one loads).
+    Each model is loaded once (the full-precision one is released before the quantized one loads). An alpha of
+    ``"auto"`` is chosen per keep ratio by `select_fusion` on the calibration samples ``config`` names.
     """
     results: list[Result] = []
 
@@ -194,14 +196,18 @@ def run_table(
     run(model, Result(f"{label} dense", "none", True, n))
     for ratio in keep_ratios:
         k = resolve_budget(n, ratio, None)
-        pruned = with_settings(config, keep_ratio=ratio, keep_tokens=None)
+        pruned = with_settings(config, keep_ratio=ratio, keep_tokens=None, alpha=1.0)  # each row sets its alpha
         attach_random_pruner(model, pruned, seed)
         run(model, Result(f"{label} + random", "random", True, k, ratio))
         attach_pruner(model, with_settings(pruned, alpha=1.0))
         run(model, Result(f"{label} + semantic (alpha=1)", "semantic", True, k, ratio, 1.0))
         for alpha in alphas:
             attach_pruner(model, with_settings(pruned, alpha=alpha))
-            run(model, Result(f"{label} + QAPruner (alpha={alpha:g})", "qapruner", True, k, ratio, alpha))
+            auto = alpha == "auto"
+            if auto:
+                alpha = select_fusion(model, processor, named_samples(config), progress=progress)["alpha"]
+            name = f"{label} + QAPruner (alpha={'auto -> ' if auto else ''}{alpha:g})"
+            run(model, Result(name, "qapruner", True, k, ratio, alpha))
     return results
 
 
