@@ -243,7 +243,7 @@ def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
         semantic=args.semantic,
         clip_text_model=args.clip_text_model,
         calibration="builtin" if calibrate else None,
-        num_calibration_samples=args.calib_samples or 16,
+        **({"num_calibration_samples": args.calib_samples} if args.calib_samples else {}),
         **fields,
     )
 
@@ -393,7 +393,7 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
         "--calib-samples",
         type=positive_int,
         metavar="N",
-        help="calibrate on this many built-in samples (default: 16 when the granularity is static)",
+        help="calibrate on this many built-in samples (default: 32 when calibrating, e.g. for static granularities)",
     )
     _model_options(parser)
 

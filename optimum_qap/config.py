@@ -119,7 +119,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head always is.
         calibration: None, "builtin" or a list of {"image": path, "text": prompt}; when set, `from_pretrained`
             calibrates activation ranges and outlier statistics on these samples.
-        num_calibration_samples: how many "builtin" samples to use.
+        num_calibration_samples: how many "builtin" samples to use (32: enough for the "auto" choices too).
         outlier_ratio: a channel whose calibrated absolute maximum exceeds this multiple of the layer's median
             channel is reported as an outlier channel.
 
@@ -174,7 +174,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         quantize_vision_tower: bool = False,
         modules_to_not_convert: list[str] | None = None,
         calibration: str | list[dict[str, str]] | None = None,
-        num_calibration_samples: int = 16,
+        num_calibration_samples: int = 32,
         outlier_ratio: float = 20.0,
         keep_ratio: float = 0.125,
         keep_tokens: int | None = None,
