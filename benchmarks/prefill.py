@@ -57,7 +57,8 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         return original_features(pixel_values=pixel_values, return_dict=True)
 
     pruner = model.qap_pruner
-    features, vision_states = captured_vision(model, pixel_values)
+    with torch.inference_mode():
+        _, features, vision_states = pruner.run_vision(original_features, pixel_values)
 
     def pruner_alone():
         """What pruning adds to the ideal prefill: the layout read, scoring, selection and compaction."""
@@ -76,21 +77,6 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         "pruned_over_unpruned": seconds["pruned"] / seconds["unpruned"],
         "pruner_alone_over_ideal": seconds["pruner_alone"] / seconds["ideal"],
     }
-
-
-def captured_vision(model, pixel_values) -> tuple[torch.Tensor, dict]:
-    """The projector outputs and the feature layer's input, as the pruner sees them in a forward."""
-    states = {}
-    layer = model.qap_pruner._feature_encoder_layer()
-    hook = layer.register_forward_pre_hook(
-        lambda _m, args, kw: states.update(input=args[0] if args else kw["hidden_states"]), with_kwargs=True
-    )
-    try:
-        with torch.inference_mode():
-            outputs = model._qap_original["get_image_features"](pixel_values=pixel_values, return_dict=True)
-    finally:
-        hook.remove()
-    return torch.stack(list(outputs.pooler_output)), states
 
 
 def main() -> None:

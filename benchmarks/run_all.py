@@ -187,6 +187,9 @@ WHAT_LIMITS_SPEED = [
 ]
 
 
+MEASUREMENTS = ("memory", "prefill", "generation", "linear")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", default="runs/llava7b-shaped")
@@ -196,7 +199,7 @@ def main() -> None:
     parser.add_argument(
         "--only",
         type=lambda text: set(text.split(",")),
-        default={"memory", "prefill", "generation", "linear"},
+        default=set(MEASUREMENTS),
         help="comma list of memory,prefill,generation,linear to re-measure; the rest is kept from --json",
     )
     args = parser.parse_args()
@@ -215,7 +218,7 @@ def main() -> None:
         return
     workdir = ["--workdir", args.workdir]
     results = {}
-    if args.only != {"memory", "prefill", "generation", "linear"}:
+    if args.only != set(MEASUREMENTS):
         with open(args.json) as handle:
             results = json.load(handle)
     results["date"] = time.strftime("%Y-%m-%d")

@@ -3,11 +3,11 @@
 import pytest
 import tiny
 import torch
-from test_pruning_integration import hand_compacted, new_tokens
+from test_pruning_integration import new_tokens, reference_generate
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import optimum_qap  # noqa: F401  (registers "qap")
-from optimum_qap import QAPrunerConfig, last_selection, pruning_disabled
+from optimum_qap import QAPrunerConfig, last_selection
 from optimum_qap.cli import main
 from optimum_qap.hub import model_card
 from optimum_qap.pruning import attach_pruner
@@ -63,9 +63,7 @@ def test_relevance_equals_clip_model_and_generation_matches_reference(clip_and_l
     # the two prompts differ, so CLIP's relevance must differ: the instruction is really read
     assert not torch.allclose(selections[0].semantic, selections[1].semantic)
     # the pruned model generates what the plain model generates from the kept tokens alone
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=3, do_sample=False)
+    expected = reference_generate(model, inputs, max_new_tokens=3, do_sample=False)
     assert torch.equal(new_tokens(generated, inputs), expected)
 
 

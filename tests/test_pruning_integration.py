@@ -73,6 +73,13 @@ def hand_compacted(model, inputs):
     return torch.stack(embeds), torch.stack(masks)
 
 
+def reference_generate(model, inputs, **generate_kwargs):
+    """What the plain model generates when fed by hand only the image tokens the last pruned call kept."""
+    embeds, mask = hand_compacted(model, inputs)
+    with pruning_disabled(model):
+        return model.generate(inputs_embeds=embeds, attention_mask=mask, **generate_kwargs)
+
+
 def new_tokens(output, inputs):
     return output[:, inputs["input_ids"].shape[1] :]
 
@@ -110,17 +117,12 @@ def test_beam_search_and_seeded_sampling_match_reference(tiny_repo):
     model = load(tiny_repo)
     inputs = batch()
     beams = model.generate(**inputs, max_new_tokens=5, num_beams=3, num_return_sequences=2)
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, num_beams=3,
-                                  num_return_sequences=2)
+    expected = reference_generate(model, inputs, max_new_tokens=5, num_beams=3, num_return_sequences=2)
     assert beams.shape[0] == 6 and torch.equal(new_tokens(beams, inputs), expected)
     torch.manual_seed(7)
     sampled = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=5)
     torch.manual_seed(7)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=True,
-                                  top_k=5)
+    expected = reference_generate(model, inputs, max_new_tokens=5, do_sample=True, top_k=5)
     assert torch.equal(new_tokens(sampled, inputs), expected)
 
 
@@ -134,9 +136,7 @@ def test_several_images_in_one_prompt_and_text_only_rows(tiny_repo):
     inputs = batch(prompts, images(3))
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert len(last_selection(model)) == 3
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    expected = reference_generate(model, inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(new_tokens(generated, inputs), expected)
 
 
@@ -201,9 +201,7 @@ def test_selection_variants_match_reference(tiny_repo, settings):
     inputs = batch()
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert {len(s.kept) for s in last_selection(model)} == {settings.get("keep_tokens", 4)}
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    expected = reference_generate(model, inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(new_tokens(generated, inputs), expected)
 
 
@@ -249,9 +247,7 @@ def test_cuda_generate_matches_reference(tiny_repo):
     inputs = {k: v.cuda() for k, v in batch().items()}
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
     generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        expected = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    expected = reference_generate(model, inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(new_tokens(generated, inputs), expected)
 
 

@@ -51,8 +51,7 @@ def answer_accuracy(
     images: Sequence[Image.Image] | None = None,
 ) -> float:
     """Exact-match accuracy of the first generated word against ``example.answer``."""
-    preds = predict_answers(model, processor, examples, batch_size, images)
-    return sum(p == e.answer for p, e in zip(preds, examples, strict=True)) / max(1, len(examples))
+    return accuracy_report(model, processor, examples, batch_size, images)["overall"]
 
 
 def accuracy_report(

@@ -194,6 +194,7 @@ def run_table(
     # loaded without pruning (keep_ratio=1 attaches no pruner); the pruned rows attach one below
     model = load_model(with_settings(config, keep_ratio=1.0, keep_tokens=None))
     run(model, Result(f"{label} dense", "none", True, n))
+    samples = named_samples(config) if "auto" in alphas else None  # what select_fusion chooses alpha on
     for ratio in keep_ratios:
         k = resolve_budget(n, ratio, None)
         pruned = with_settings(config, keep_ratio=ratio, keep_tokens=None, alpha=1.0)  # each row sets its alpha
@@ -205,7 +206,7 @@ def run_table(
             attach_pruner(model, with_settings(pruned, alpha=alpha))
             auto = alpha == "auto"
             if auto:
-                alpha = select_fusion(model, processor, named_samples(config), progress=progress)["alpha"]
+                alpha = select_fusion(model, processor, samples, progress=progress)["alpha"]
             name = f"{label} + QAPruner (alpha={'auto -> ' if auto else ''}{alpha:g})"
             run(model, Result(name, "qapruner", True, k, ratio, alpha))
     return results

@@ -127,21 +127,19 @@ class TokenPruner:
 
     @property
     def alpha(self) -> float:
-        if self.alpha_override is not None:
-            return self.alpha_override
-        if self.config.alpha == "auto":
-            return self._chosen("alpha")
-        return self.config.alpha
+        return self._resolved("alpha", self.alpha_override)
 
     @property
     def slots(self) -> int:
-        if self.slots_override is not None:
-            return self.slots_override
-        if self.config.outlier_slots == "auto":
-            return self._chosen("outlier_slots")
-        return self.config.outlier_slots
+        return self._resolved("outlier_slots", self.slots_override)
 
-    def _chosen(self, name: str):
+    def _resolved(self, name: str, override):
+        """The value in use: an override set by select_fusion, the "auto" choice, or the config's own value."""
+        if override is not None:
+            return override
+        value = getattr(self.config, name)
+        if value != "auto":
+            return value
         chosen = (self.config.auto_selection or {}).get(name)
         if chosen is None:
             raise ValueError(
@@ -173,7 +171,8 @@ class TokenPruner:
         if self.clip is None:
             return torch.stack([instruction_relevance(f, t) for f, t in zip(features, instructions, strict=True)])
         patches = vision_states["output"][:, -features.shape[1] :]  # without [CLS] unless the strategy keeps it
-        self.clip.to(patches.device)
+        if self.clip.visual_projection.weight.device != patches.device:  # the model was moved after loading
+            self.clip.to(patches.device)
         return torch.stack([self.clip.relevance(p, text) for p, text in zip(patches, instructions, strict=True)])
 
     def _feature_layer_index(self) -> int:
@@ -225,6 +224,16 @@ class TokenPruner:
 
         ``layout`` is the input's `PlaceholderLayout` when the caller has read it already.
         """
+        outputs, features, vision_states = self.run_vision(get_image_features, pixel_values, **kwargs)
+        instructions = self._instructions(input_ids, attention_mask, layout, features.shape[0], features.shape[1])
+        selections = self.select(features, vision_states, instructions)
+        outputs.pooler_output = [f[s.kept] for f, s in zip(features, selections, strict=True)]
+        self.last = selections
+        return outputs, selections
+
+    def run_vision(self, get_image_features, pixel_values, **kwargs) -> tuple[object, torch.Tensor, dict]:
+        """Run the vision path once: its outputs, the stacked [num_images, N, D] features, and the feature layer's
+        input and output that the semantic score needs (see `semantic_scores`)."""
         vision_states: dict[str, torch.Tensor] = {}
         layer = self._feature_encoder_layer()
         hooks = []
@@ -245,12 +254,7 @@ class TokenPruner:
         finally:
             for hook in hooks:
                 hook.remove()
-        features = torch.stack(list(outputs.pooler_output))
-        instructions = self._instructions(input_ids, attention_mask, layout, features.shape[0], features.shape[1])
-        selections = self.select(features, vision_states, instructions)
-        outputs.pooler_output = [f[s.kept] for f, s in zip(features, selections, strict=True)]
-        self.last = selections
-        return outputs, selections
+        return outputs, torch.stack(list(outputs.pooler_output)), vision_states
 
     def _instructions(self, input_ids, attention_mask, layout, num_images: int, num_tokens: int) -> list | None:
         """Each image's instruction (the text tokens of its prompt): LLM input embeddings, or decoded text for CLIP."""
