@@ -136,7 +136,9 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
     seconds = time.perf_counter() - start
     if config is not None and not isinstance(config, dict):
         source = config.calibration if isinstance(config.calibration, str) else "user samples"
-        config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2)}
+        # GPTQ's record (made before activation calibration, on the same samples) stays with the weights it describes
+        gptq = {"gptq": config.calibration_summary["gptq"]} if "gptq" in (config.calibration_summary or {}) else {}
+        config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2), **gptq}
         config.token_statistics = visual_token_statistics(token_stats, config)
     return outlier_report(model) if modules else {}
 
@@ -173,11 +175,10 @@ def visual_token_statistics(token_batches: list[torch.Tensor], config) -> dict[s
     }
 
 
-def calibrate_from_config(model: nn.Module) -> None:
+def calibrate_from_config(model: nn.Module, processor, samples: list[dict]) -> None:
     """Calibrate on the samples named by the config, then choose its "auto" values on the same samples."""
     from .pruning.auto import select_fusion
 
-    processor, samples = config_samples(model)
     calibrate(model, processor, samples)
     if model.config.quantization_config.needs_auto_selection:
         select_fusion(model, processor, samples)

@@ -11,7 +11,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 QUANT_METHOD = "qap"
 # Bump when the on-disk layout of quantized modules changes; loading a newer version is refused.
-FORMAT_VERSION = 1
+# 2: rotation (norm gains fused, weights rotated, online transforms rebuilt from the config) and GPTQ weights.
+FORMAT_VERSION = 2
 
 WEIGHT_BITS = (2, 3, 4, 8, 16)
 ACTIVATION_BITS = (2, 3, 4, 8, 16)
@@ -19,6 +20,7 @@ ACTIVATION_GRANULARITIES = ("per_token", "per_group", "static_per_channel", "sta
 STATIC_GRANULARITIES = ("static_per_channel", "static_per_tensor")
 SEMANTIC_SCORES = ("cls_attention", "cdpruner")
 AUTO_CRITERIA = ("kl", "answer")
+WEIGHT_METHODS = ("rtn", "gptq")
 SELECTIONS = ("topk", "dpp")
 FUSIONS = ("weighted", "outlier_slots")
 AUTO = "auto"
@@ -123,6 +125,18 @@ class QAPrunerConfig(QuantizationConfigMixin):
         outlier_ratio: a channel whose calibrated absolute maximum exceeds this multiple of the layer's median
             channel is reported as an outlier channel.
 
+    Backbone (docs/method.md, "Rotation and GPTQ"):
+        rotation: QuaRot-style computational invariance before quantizing: RMSNorm gains fused into the linears,
+            the residual stream rotated by a randomized Hadamard transform, the value/o_proj path rotated per head
+            (offline) and across heads (online), the down_proj input rotated online. Same full-precision function;
+            outlier channels spread over all channels, so 4-bit activations survive them.
+        rotation_seed: seed of the residual rotation's random signs.
+        weight_method: "rtn" (round to nearest) or "gptq" (error-compensating, needs calibration samples). Default
+            (None): "gptq" when `calibration` is given, else "rtn".
+        gptq_damping: GPTQ damping, as a fraction of the mean Hessian diagonal.
+        gptq_act_order: GPTQ quantizes columns in order of decreasing Hessian diagonal (groups stay contiguous).
+        gptq_block_size: columns per GPTQ lazy-update block.
+
     Pruning:
         keep_ratio: share of visual tokens that reach the language model (1.0 disables pruning).
         keep_tokens: absolute number of kept visual tokens per image; overrides keep_ratio.
@@ -176,6 +190,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
         calibration: str | list[dict[str, str]] | None = None,
         num_calibration_samples: int = 32,
         outlier_ratio: float = 20.0,
+        rotation: bool = True,
+        rotation_seed: int = 0,
+        weight_method: str | None = None,
+        gptq_damping: float = 0.01,
+        gptq_act_order: bool = True,
+        gptq_block_size: int = 128,
         keep_ratio: float = 0.125,
         keep_tokens: int | None = None,
         alpha: float | str | None = None,
@@ -213,6 +233,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.calibration = copy.deepcopy(calibration)
         self.num_calibration_samples = num_calibration_samples
         self.outlier_ratio = outlier_ratio
+        self.rotation = rotation
+        self.rotation_seed = rotation_seed
+        self.weight_method = ("gptq" if calibration is not None else "rtn") if weight_method is None else weight_method
+        self.gptq_damping = gptq_damping
+        self.gptq_act_order = gptq_act_order
+        self.gptq_block_size = gptq_block_size
         self.keep_ratio = keep_ratio
         self.keep_tokens = keep_tokens
         self.alpha = (AUTO if calibration is not None else DEFAULT_ALPHA) if alpha is None else alpha
@@ -260,6 +286,20 @@ class QAPrunerConfig(QuantizationConfigMixin):
         _check_positive_int("num_calibration_samples", self.num_calibration_samples)
         if not _is_real(self.outlier_ratio) or self.outlier_ratio <= 1:
             raise _invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
+        _check_bool("rotation", self.rotation)
+        if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
+            raise _invalid("rotation_seed", self.rotation_seed, "expected an integer >= 0")
+        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        if self.weight_method == "gptq" and self.calibration is None and self.quantizes_weights:
+            raise _invalid(
+                "weight_method",
+                self.weight_method,
+                'GPTQ needs calibration samples: pass calibration="builtin" or a list of samples, or use "rtn"',
+            )
+        if not _is_real(self.gptq_damping) or not 0 < self.gptq_damping <= 1:
+            raise _invalid("gptq_damping", self.gptq_damping, "expected a number in (0, 1]")
+        _check_bool("gptq_act_order", self.gptq_act_order)
+        _check_positive_int("gptq_block_size", self.gptq_block_size)
         _check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
         _check_positive_int("keep_tokens", self.keep_tokens, optional=True)
         if self.alpha != AUTO:
@@ -334,6 +374,11 @@ class QAPrunerConfig(QuantizationConfigMixin):
         return self.quantizes_activations and self.a_granularity in STATIC_GRANULARITIES
 
     @property
+    def quantizes_after_loading(self) -> bool:
+        """Rotation and GPTQ need whole float layers, so the weights are quantized once loading has finished."""
+        return self.rotation or (self.weight_method == "gptq" and self.quantizes_weights)
+
+    @property
     def prunes(self) -> bool:
         return self.keep_tokens is not None or self.keep_ratio < 1.0
 
@@ -364,6 +409,11 @@ class QAPrunerConfig(QuantizationConfigMixin):
                 f"QAPrunerConfig got unknown field(s) {unknown}; known fields are {sorted(_init_fields())}. "
                 "A checkpoint written by a newer optimum-qap may need `pip install -U optimum-qap`."
             )
+        version = fields.get("format_version", 1)
+        if _is_int(version) and version < 2:
+            # written before rotation and GPTQ existed: its weights are plain round-to-nearest
+            fields.setdefault("rotation", False)
+            fields.setdefault("weight_method", "rtn")
         config = cls(**fields)
         unused = {}
         for key, value in kwargs.items():

@@ -12,6 +12,7 @@ from transformers.quantizers.base import HfQuantizer
 from .config import QAPrunerConfig
 from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
+from .transforms.rotation import attach_online_rotations, rotate_language_model
 
 
 def model_parts(model: nn.Module) -> dict[str, str]:
@@ -71,6 +72,27 @@ def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: b
     return names
 
 
+def quantize_linears(
+    model: nn.Module, config: QAPrunerConfig, codes: dict | None = None, names: list[str] | None = None
+) -> list[str]:
+    """Replace the selected (or the given ``names``), still float `nn.Linear`s of a loaded model by `QuantLinear`s.
+
+    ``codes`` maps names to precomputed weight codes (GPTQ); the others are rounded to nearest. Each float weight
+    is released as soon as its replacement exists, so memory never holds two copies of the model.
+    """
+    if not (config.quantizes_weights or config.quantizes_activations):
+        return []
+    spec = QuantSpec.from_config(config)
+    names = linear_names_to_quantize(model, config) if names is None else names
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        setattr(parent, child, QuantLinear.from_linear(linear, spec, (codes or {}).get(name)))
+        del linear
+    return names
+
+
 class PrepareQuantLinear(ConversionOps):
     """Loading op: turn the float `weight` of a `QuantLinear` into its serialized tensors, one layer at a time."""
 
@@ -117,22 +139,29 @@ class QAPrunerHfQuantizer(HfQuantizer):
         return PrepareQuantLinear(self)
 
     def _process_model_before_weight_loading(self, model, **kwargs):
-        replace_linears(model, self.quantization_config, awaiting_weight=not self.pre_quantized)
+        model_parts(model)  # a model we cannot handle fails before its weights load
+        if self.pre_quantized or not self.quantization_config.quantizes_after_loading:
+            replace_linears(model, self.quantization_config, awaiting_weight=not self.pre_quantized)
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        from .calibration import calibrate_from_config, config_samples
         from .hub import push_to_hub
 
         config = self.quantization_config
         if not self.pre_quantized and config.base_model is None:
             config.base_model = model.config.name_or_path or None
         model.push_to_hub = functools.partial(push_to_hub, model)
+        calibrating = not self.pre_quantized and config.calibration is not None
+        processor, samples = config_samples(model) if calibrating else (None, None)
+        if not self.pre_quantized and config.quantizes_after_loading:
+            quantize_after_loading(model, config, processor, samples)
+        elif config.rotation:
+            attach_online_rotations(model)
         if config.prunes:
             attach_pruner(model, config)
-        if not self.pre_quantized and config.calibration is not None:
-            from .calibration import calibrate_from_config
-
-            calibrate_from_config(model)
+        if calibrating:
+            calibrate_from_config(model, processor, samples)
         return model
 
     def is_serializable(self) -> bool:
@@ -141,6 +170,21 @@ class QAPrunerHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, samples) -> None:
+    """Rotate (if asked), then quantize the float linears: GPTQ on the calibration samples, or RTN."""
+    if config.rotation:
+        rotate_language_model(model, config.rotation_seed)
+        attach_online_rotations(model)
+    codes = {}
+    if config.weight_method == "gptq" and config.quantizes_weights:
+        from .transforms.gptq_model import gptq_quantize_model
+
+        codes = gptq_quantize_model(model, processor, samples, config)
+    quantize_linears(model, config, codes)
+    if config.rotation:
+        attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

@@ -98,8 +98,8 @@ class QuantLinear(nn.Module):
         return None if size is None or size >= self.in_features else size
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, spec: QuantSpec) -> QuantLinear:
-        """Quantize an existing `nn.Linear` (keeps its device and dtype)."""
+    def from_linear(cls, linear: nn.Linear, spec: QuantSpec, codes: qf.WeightCodes | None = None) -> QuantLinear:
+        """Quantize an existing `nn.Linear` (keeps its device and dtype), to nearest or to given ``codes`` (GPTQ)."""
         module = cls(
             linear.in_features,
             linear.out_features,
@@ -108,7 +108,8 @@ class QuantLinear(nn.Module):
             dtype=linear.weight.dtype,
             device=linear.weight.device,
         )
-        for name, tensor in module.quantized_state(linear.weight.detach()).items():
+        state = module.quantized_state(linear.weight.detach()) if codes is None else module.state_from_codes(codes)
+        for name, tensor in state.items():
             getattr(module, name).data = tensor
         if linear.bias is not None:
             module.bias.data = linear.bias.detach().clone()
@@ -127,7 +128,11 @@ class QuantLinear(nn.Module):
         return state
 
     def _quantize_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        codes = qf.quantize_weight(rows, self.spec.w_bits, self.weight_group_size, self.spec.w_symmetric)
+        return self.state_from_codes(qf.quantize_weight(rows, self.spec.w_bits, self.weight_group_size,
+                                                        self.spec.w_symmetric))
+
+    def state_from_codes(self, codes: qf.WeightCodes) -> dict[str, torch.Tensor]:
+        """Packed serialized tensors of unpacked weight codes (RTN or GPTQ) in this layer's layout."""
         block = {"weight_packed": pack_codes(codes.codes, self.spec.w_bits),
                  "weight_scale": codes.scale.to(self.weight_scale.dtype)}
         if codes.zero is not None:
