@@ -139,7 +139,7 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
         # GPTQ's record (made before activation calibration, on the same samples) stays with the weights it describes
         gptq = {"gptq": config.calibration_summary["gptq"]} if "gptq" in (config.calibration_summary or {}) else {}
         config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2), **gptq}
-        config.token_statistics = visual_token_statistics(token_stats, config)
+        config.token_statistics = visual_token_statistics(token_stats, config, model)
     return outlier_report(model) if modules else {}
 
 
@@ -157,13 +157,18 @@ def recording_visual_tokens(model: nn.Module, store: list) -> Iterator[None]:
         handle.remove()
 
 
-def visual_token_statistics(token_batches: list[torch.Tensor], config) -> dict[str, float] | None:
-    """Median and max of the visual tokens' channel range and group-quantization error."""
+def visual_token_statistics(
+    token_batches: list[torch.Tensor], config, model: nn.Module | None = None
+) -> dict[str, float] | None:
+    """Median and max of the visual tokens' channel range and group-quantization error, in the space S^Q uses on
+    ``model`` (without a model: the tokens as given)."""
     from .pruning.scoring import channel_range, group_quant_error
+    from .pruning.space import sensitivity_tokens
 
     if not token_batches:
         return None
-    tokens = torch.cat([t.float() for t in token_batches])
+    tokens = torch.cat(token_batches)
+    tokens = (tokens if model is None else sensitivity_tokens(model.model, config, tokens)).float()
     value_range = channel_range(tokens)
     error = group_quant_error(tokens, config.sensitivity_group_size, config.scoring_bits)
     return {

@@ -22,6 +22,7 @@ SEMANTIC_SCORES = ("cls_attention", "cdpruner")
 AUTO_CRITERIA = ("kl", "answer")
 WEIGHT_METHODS = ("rtn", "gptq")
 SELECTIONS = ("topk", "dpp")
+SENSITIVITY_SPACES = ("projector", "quantizer")
 FUSIONS = ("weighted", "outlier_slots")
 AUTO = "auto"
 # alpha when no calibration samples are given (with samples the default is "auto", docs/results.md): the top of the
@@ -163,6 +164,9 @@ class QAPrunerConfig(QuantizationConfigMixin):
         error_weight / range_weight: weights of the normalised group-quantization error and range in S^Q.
         sensitivity_group_size: group size of the simulated quantization in S^Q.
         sensitivity_bits: bits of the simulated quantization in S^Q; None uses a_bits (4 when a_bits is 16).
+        sensitivity_space: where S^Q looks at the visual tokens. "projector": the projector outputs in the
+            unrotated basis, as the paper does. "quantizer": what the first decoder layer's quantizer sees, the
+            tokens after its RMSNorm (and after the rotation, when `rotation` is on).
 
     Provenance (filled in by optimum-qap, shown in the model card):
         base_model: the model id the weights were quantized from.
@@ -212,6 +216,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         range_weight: float = 0.5,
         sensitivity_group_size: int = 128,
         sensitivity_bits: int | None = None,
+        sensitivity_space: str = "projector",
         base_model: str | None = None,
         calibration_summary: dict[str, Any] | None = None,
         token_statistics: dict[str, float] | None = None,
@@ -255,6 +260,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.range_weight = range_weight
         self.sensitivity_group_size = sensitivity_group_size
         self.sensitivity_bits = sensitivity_bits
+        self.sensitivity_space = sensitivity_space
         self.base_model = base_model
         self.calibration_summary = copy.deepcopy(calibration_summary)
         self.token_statistics = copy.deepcopy(token_statistics)
@@ -290,12 +296,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
             raise _invalid("rotation_seed", self.rotation_seed, "expected an integer >= 0")
         _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
-        if self.weight_method == "gptq" and self.calibration is None and self.quantizes_weights:
-            raise _invalid(
-                "weight_method",
-                self.weight_method,
-                'GPTQ needs calibration samples: pass calibration="builtin" or a list of samples, or use "rtn"',
-            )
         if not _is_real(self.gptq_damping) or not 0 < self.gptq_damping <= 1:
             raise _invalid("gptq_damping", self.gptq_damping, "expected a number in (0, 1]")
         _check_bool("gptq_act_order", self.gptq_act_order)
@@ -339,6 +339,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         _check_positive_int("sensitivity_group_size", self.sensitivity_group_size)
         if self.sensitivity_bits is not None:
             _check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
+        _check_choice("sensitivity_space", self.sensitivity_space, SENSITIVITY_SPACES)
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
             raise _invalid("base_model", self.base_model, "expected a model id or None")
         for field in ("calibration_summary", "token_statistics", "auto_selection"):
@@ -372,6 +373,15 @@ class QAPrunerConfig(QuantizationConfigMixin):
     def needs_calibration(self) -> bool:
         """Static activation ranges must be calibrated before the model can run."""
         return self.quantizes_activations and self.a_granularity in STATIC_GRANULARITIES
+
+    def check_can_quantize(self) -> None:
+        """Raise when these settings cannot quantize a float model (a saved config may describe finished weights)."""
+        if self.weight_method == "gptq" and self.calibration is None and self.quantizes_weights:
+            raise _invalid(
+                "weight_method",
+                self.weight_method,
+                'GPTQ needs calibration samples: pass calibration="builtin" or a list of samples, or use "rtn"',
+            )
 
     @property
     def quantizes_after_loading(self) -> bool:

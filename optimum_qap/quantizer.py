@@ -140,6 +140,8 @@ class QAPrunerHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, **kwargs):
         model_parts(model)  # a model we cannot handle fails before its weights load
+        if not self.pre_quantized:
+            self.quantization_config.check_can_quantize()
         if self.pre_quantized or not self.quantization_config.quantizes_after_loading:
             replace_linears(model, self.quantization_config, awaiting_weight=not self.pre_quantized)
         return model

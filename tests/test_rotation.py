@@ -197,8 +197,9 @@ def test_backbone_fields_are_validated(field, value, message):
         QAPrunerConfig(**{field: value})
 
 
-def test_gptq_without_samples_names_the_fix():
+def test_gptq_without_samples_names_the_fix(gained_repo):
     with pytest.raises(ValueError, match='calibration="builtin"'):
-        QAPrunerConfig(weight_method="gptq")
+        LlavaForConditionalGeneration.from_pretrained(gained_repo,
+                                                      quantization_config=QAPrunerConfig(weight_method="gptq"))
     assert QAPrunerConfig().weight_method == "rtn"
     assert QAPrunerConfig(calibration="builtin").weight_method == "gptq"

@@ -17,6 +17,7 @@ from .runner import (
     attach_random_pruner,
     format_table,
     generate_answers,
+    paired_difference,
     run_table,
     wilson_interval,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "format_table",
     "generate_answers",
     "load_eval_dataset",
+    "paired_difference",
     "pope_correct",
     "pope_normalize",
     "pope_prompt",

@@ -38,6 +38,17 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
     return max(0.0, min(p, center - half)), min(1.0, max(p, center + half))  # clamp rounding at p = 0 or 1
 
 
+def paired_difference(hits: Sequence[bool], reference: Sequence[bool], z: float = Z_95) -> tuple[float, float, float]:
+    """Accuracy of ``hits`` minus ``reference`` on the same questions: (difference, low, high), a normal interval
+    on the per-question differences (mean +- z standard errors)."""
+    if len(hits) != len(reference) or not hits:
+        raise ValueError(f"paired_difference needs two equal, non-empty lists; got {len(hits)} and {len(reference)}")
+    differences = torch.tensor([float(a) - float(b) for a, b in zip(hits, reference, strict=True)], dtype=torch.float64)
+    mean = float(differences.mean())
+    error = float(differences.std()) / math.sqrt(len(differences)) if len(differences) > 1 else 0.0
+    return mean, mean - z * error, mean + z * error
+
+
 class RandomTokenPruner(TokenPruner):
     """The random-selection baseline: keeps K tokens per image drawn uniformly at random from a seeded generator.
 

@@ -36,6 +36,7 @@ from .scoring import (
     quantization_sensitivity,
 )
 from .selection import dpp_greedy_indices, outlier_slot_indices, resolve_budget, topk_indices
+from .space import sensitivity_tokens
 
 
 @dataclass
@@ -156,6 +157,7 @@ class TokenPruner:
                 'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: run optimum_qap.calibrate.'
             )
         cfg = self.config
+        features = sensitivity_tokens(self.base, cfg, features)
         error = group_quant_error(features, cfg.sensitivity_group_size, cfg.scoring_bits)
         return torch.maximum(channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12))
 
@@ -189,7 +191,11 @@ class TokenPruner:
         cfg = self.config
         semantic = self.semantic_scores(features, vision_states, instructions)
         sens = quantization_sensitivity(
-            features, cfg.sensitivity_group_size, cfg.scoring_bits, cfg.error_weight, cfg.range_weight
+            sensitivity_tokens(self.base, cfg, features),
+            cfg.sensitivity_group_size,
+            cfg.scoring_bits,
+            cfg.error_weight,
+            cfg.range_weight,
         )
         slots = cfg.fusion == "outlier_slots"
         fused = semantic if slots else fuse_scores(semantic, sens.sensitivity, self.alpha)
@@ -407,7 +413,11 @@ QUANTIZATION_FIELDS = (
     "quantize_projector",
     "quantize_vision_tower",
     "modules_to_not_convert",
+    "rotation",
+    "rotation_seed",
 )
+# how the weights were made: they describe the loaded model, whatever a pruning config passed later says
+WEIGHT_FIELDS = ("weight_method", "gptq_damping", "gptq_act_order", "gptq_block_size")
 PROVENANCE_FIELDS = ("base_model", "calibration_summary", "token_statistics")
 
 
@@ -429,6 +439,8 @@ def _adopt_config(model: nn.Module, config) -> None:
     for name in PROVENANCE_FIELDS:
         if getattr(config, name) is None:
             setattr(config, name, getattr(current, name))
+    for name in WEIGHT_FIELDS:
+        setattr(config, name, getattr(current, name))
     model.config.quantization_config = config
 
 

@@ -9,6 +9,7 @@ Hessians exist at a time; inputs propagate through quantized weights, as in the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import model_inputs, observing
 from ..quant import functional as qf
-from ..quant.gptq import HessianAccumulator, gptq_quantize, layer_output_error
+from ..quant.gptq import HessianAccumulator, layer_output_error, run_gptq
 from ..quant.linear import QuantLinear
 
 
@@ -39,10 +40,8 @@ def capture_layer_inputs(model: nn.Module, processor, samples: list[dict], layer
     try:
         with pruning_disabled(model):
             for sample in samples:
-                try:
+                with contextlib.suppress(_StopForward):
                     model(**model_inputs(model, processor, sample["image"], sample["text"]), use_cache=False)
-                except _StopForward:
-                    pass
     finally:
         handle.remove()
     return captured
@@ -60,8 +59,7 @@ def _layer_output(output):
 
 def _quantize_layer(layer: nn.Module, linears: dict[str, nn.Linear], inputs: list[tuple], config) -> tuple[dict, dict]:
     """GPTQ codes and the output-error report of ``linears`` (full name -> module) inside one decoder layer."""
-    accumulators = {name: HessianAccumulator(linear.in_features, linear.weight.device) for name, linear in
-                    linears.items()}
+    accumulators = {name: HessianAccumulator(linear.in_features) for name, linear in linears.items()}
     handles = [linear.register_forward_hook(lambda _m, args, _o, name=name: accumulators[name].add(args[0]))
                for name, linear in linears.items()]
     try:
@@ -74,10 +72,10 @@ def _quantize_layer(layer: nn.Module, linears: dict[str, nn.Linear], inputs: lis
     for name, linear in linears.items():
         hessian = accumulators.pop(name).hessian
         weight = linear.weight.detach()
-        found = gptq_quantize(weight, hessian, config.w_bits, _group_size(config, linear), config.w_symmetric,
-                              config.gptq_damping, config.gptq_act_order, config.gptq_block_size)
-        codes[name] = found
-        report[name] = _error_reduction(weight, found, hessian, config, linear)
+        found = run_gptq(weight, hessian, config.w_bits, _group_size(config, linear), config.w_symmetric,
+                         config.gptq_damping, config.gptq_act_order, config.gptq_block_size)
+        codes[name] = found.codes
+        report[name] = _error_reduction(weight, found.dequantized, hessian, config, linear)
     return codes, report
 
 
@@ -86,15 +84,13 @@ def _group_size(config, linear: nn.Linear) -> int | None:
     return None if size is None or size >= linear.in_features else size
 
 
-def _dequantized(codes: qf.WeightCodes, config, linear: nn.Linear) -> torch.Tensor:
-    return qf.dequantize_weight(codes.codes, codes.scale, codes.zero, config.w_bits, _group_size(config, linear),
-                                torch.float32)
-
-
-def _error_reduction(weight: torch.Tensor, gptq: qf.WeightCodes, hessian: torch.Tensor, config, linear) -> dict:
-    rtn = qf.quantize_weight(weight, config.w_bits, _group_size(config, linear), config.w_symmetric)
-    rtn_error = layer_output_error(weight, _dequantized(rtn, config, linear), hessian)
-    gptq_error = layer_output_error(weight, _dequantized(gptq, config, linear), hessian)
+def _error_reduction(weight: torch.Tensor, gptq: torch.Tensor, hessian: torch.Tensor, config, linear) -> dict:
+    """Output error tr(ΔW H ΔWᵀ) of GPTQ's and of round-to-nearest weights, and the share GPTQ removes."""
+    group_size = _group_size(config, linear)
+    rtn = qf.quantize_weight(weight, config.w_bits, group_size, config.w_symmetric)
+    rtn = qf.dequantize_weight(rtn.codes, rtn.scale, rtn.zero, config.w_bits, group_size, torch.float32)
+    rtn_error = layer_output_error(weight, rtn, hessian)
+    gptq_error = layer_output_error(weight, gptq, hessian)
     return {"rtn": rtn_error, "gptq": gptq_error, "reduction": 1 - gptq_error / rtn_error if rtn_error > 0 else 0.0}
 
 

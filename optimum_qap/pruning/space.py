@@ -1,0 +1,39 @@
+"""Which view of the visual tokens the quantization-sensitivity score S^Q is computed on.
+
+The paper scores the projector outputs. On a rotated backbone those outputs enter the residual stream already
+rotated (x Q), and the first quantizer sees them after an RMSNorm, so two views are offered: "projector" undoes the
+rotation (the paper's features, whatever the backbone) and "quantizer" applies the first decoder layer's input norm
+(what its 4-bit activation quantizer rounds).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+from ..transforms.hadamard import KroneckerRotation
+
+
+@functools.lru_cache(maxsize=8)
+def residual_rotation(hidden_size: int, seed: int) -> KroneckerRotation:
+    """The residual-stream rotation `rotate_language_model` applied (rebuilt from the size and the seed)."""
+    return KroneckerRotation.hadamard(hidden_size, seed)
+
+
+def is_rotated(llava_model: nn.Module) -> bool:
+    """Whether `rotate_language_model` rotated this model (its online transforms are attached)."""
+    from ..transforms.rotation import ONLINE_HOOK
+
+    return getattr(llava_model.language_model.layers[0].mlp.down_proj, ONLINE_HOOK, None) is not None
+
+
+def sensitivity_tokens(llava_model: nn.Module, config, features: torch.Tensor) -> torch.Tensor:
+    """The visual tokens [..., D] as the configured `sensitivity_space` sees them (``llava_model``: the inner
+    `LlavaModel`)."""
+    if config.sensitivity_space == "quantizer":
+        return llava_model.language_model.layers[0].input_layernorm(features)
+    if config.rotation and is_rotated(llava_model):
+        return residual_rotation(features.shape[-1], config.rotation_seed).apply(features, transpose=True)
+    return features
