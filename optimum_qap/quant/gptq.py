@@ -10,7 +10,7 @@ error over the columns not yet quantized, weighted by the inverse Hessian of the
 - Groups without ``act_order``: a group's range is taken when its first column is reached, from the weights as
   updated so far. The reference reads them from a copy refreshed only once per block, so a group starting inside a
   block misses that block's updates; we align blocks to groups instead, which makes the result independent of
-  ``block_size`` (it equals the reference whenever ``block_size`` is a multiple of ``group_size``).
+  ``block_size`` (it equals the reference whenever every group starts a reference block, e.g. g128 with 128).
 - Groups with ``act_order``: "static groups" (the reference's ``static_groups=True``): every contiguous group's range
   comes up front from the original weight, then columns are quantized in decreasing-H_ii order with those fixed
   ranges. Groups thus stay contiguous in the stored format (no ``g_idx`` permutation for kernels to handle).
@@ -177,7 +177,7 @@ def _inverse_hessian_cholesky(h: torch.Tensor, damping: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damping * mean(diag H) * I)^-1, the GPTQ update rows."""
     if not torch.isfinite(h).all():
         raise ValueError("GPTQ Hessian has non-finite entries (inf/NaN layer inputs?)")
-    mean_diagonal = h.diagonal().mean()
+    mean_diagonal = torch.diag(h).mean()  # a contiguous copy sums in the reference's order: bitwise-equal results
     for attempt in range(DAMPING_RETRIES + 1):
         damped = h.clone()
         damped.diagonal().add_(damping * 10**attempt * mean_diagonal)
