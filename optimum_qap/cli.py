@@ -32,6 +32,7 @@ from .config import (
     SEMANTIC_SCORES,
     STATIC_GRANULARITIES,
     WEIGHT_BITS,
+    WEIGHT_METHODS,
     QAPrunerConfig,
 )
 
@@ -242,7 +243,9 @@ def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
         a_granularity=args.granularity,
         semantic=args.semantic,
         clip_text_model=args.clip_text_model,
-        calibration="builtin" if calibrate else None,
+        rotation=not args.no_rotation,
+        weight_method=args.weight_method,
+        calibration="builtin" if calibrate or args.weight_method == "gptq" else None,
         **({"num_calibration_samples": args.calib_samples} if args.calib_samples else {}),
         **fields,
     )
@@ -286,6 +289,12 @@ def compress(args: argparse.Namespace) -> int:
             f"{calibration['samples']} {calibration['source']} samples in {calibration['seconds']:.1f} s"
             if calibration
             else "none (no static activation ranges to calibrate)"
+        ),
+        *(
+            [f"  GPTQ: {gptq['seconds']:.1f} s on {gptq['samples']} samples, output error "
+             f"{100 * gptq['mean_error_reduction_vs_rtn']:.0f} % below round to nearest (mean over layers)"]
+            if (gptq := (calibration or {}).get("gptq"))
+            else []
         ),
         f"  Load + quantize: {load_seconds:.1f} s",
         f"  Size (safetensors): {_size(before)} -> {_size(after)}"
@@ -382,6 +391,14 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
         choices=ACTIVATION_GRANULARITIES,
         default="per_token",
         help="activation quantization granularity (static ones are calibrated)",
+    )
+    parser.add_argument(
+        "--no-rotation", action="store_true", help="quantize without the Hadamard rotation (plain RTN W4A4 of format 1)"
+    )
+    parser.add_argument(
+        "--weight-method",
+        choices=WEIGHT_METHODS,
+        help="rtn or gptq (default: gptq when calibrating, else rtn; gptq calibrates on built-in samples)",
     )
     parser.add_argument("--semantic", choices=SEMANTIC_SCORES, default="cls_attention", help="semantic score S^P")
     parser.add_argument(

@@ -28,7 +28,16 @@ def _describe_quantization(config: QAPrunerConfig) -> list[str]:
         activations = "not quantized"
     parts = ["language model"]
     parts += ["projector"] * config.quantize_projector + ["vision tower"] * config.quantize_vision_tower
+    if config.quantizes_weights:
+        weights += ", GPTQ" if config.weight_method == "gptq" else ", round to nearest"
+    rotation = (
+        f"randomized Hadamard (QuaRot-style, seed {config.rotation_seed}; norms fused, online transforms before "
+        "o_proj and down_proj)"
+        if config.rotation
+        else "none"
+    )
     return [
+        f"- Rotation: {rotation}",
         f"- Weights: {weights}",
         f"- Activations: {activations}",
         f"- Quantized parts: {', '.join(parts)} (lm_head kept in full precision)",
