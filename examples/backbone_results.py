@@ -59,7 +59,7 @@ def saved_calibration(folder: Path, count: int) -> tuple[list[dict], list[dict]]
     return paths, [{"image": e.image, "text": e.question, "answer": e.answer} for e in examples]
 
 
-def evaluate_model(path, processor, dataset, calibration, samples, batch_size, log) -> list[dict]:
+def evaluate_model(path, processor, dataset, calibration, samples, batch_size, log, dense_only=False) -> list[dict]:
     rows, fp_hits = [], {}
     for backbone, config in backbones(calibration).items():
         start = time.perf_counter()
@@ -71,7 +71,7 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
             base = model.config.quantization_config
         load_seconds = time.perf_counter() - start
         n = visual_tokens_per_image(model.config)
-        settings = [("dense", None)] + pruning_rows(space=config is not None and config.rotation)
+        settings = [("dense", None)] + ([] if dense_only else pruning_rows(space=config is not None and config.rotation))
         for name, changes in settings:
             if changes is not None:
                 auto = changes["alpha"] == "auto"
@@ -117,13 +117,15 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--models", default="outlier,demo", help="comma-separated: outlier, demo")
+    parser.add_argument("--dense-only", action="store_true", help="only the unpruned row of each backbone")
     parser.add_argument("--output", default="docs/backbone.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     dataset = load_eval_dataset("demo", limit=args.limit)
     report = {"command": (f"python examples/backbone_results.py --limit {args.limit} --calib-samples "
-                          f"{args.calib_samples} --models {args.models}"), "threads": torch.get_num_threads()}
+                          f"{args.calib_samples} --models {args.models}" + " --dense-only" * args.dense_only),
+              "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         calibration, samples = saved_calibration(folder, args.calib_samples)
@@ -134,7 +136,8 @@ def main() -> None:
         for key in args.models.split(","):
             processor = AutoProcessor.from_pretrained(paths[key])
             rows = evaluate_model(paths[key], processor, dataset, calibration, samples, args.batch_size,
-                                  lambda row: print(json.dumps({k: row[k] for k in ("name", "accuracy")}), flush=True))
+                                  lambda row: print(json.dumps({k: row[k] for k in ("name", "accuracy")}), flush=True),
+                                  args.dense_only)
             report[key] = rows
             print(f"\n## {key}\n\n{markdown(rows)}\n", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
