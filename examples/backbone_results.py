@@ -71,8 +71,8 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
             base = model.config.quantization_config
         load_seconds = time.perf_counter() - start
         n = visual_tokens_per_image(model.config)
-        pruned = [] if dense_only else pruning_rows(space=config is not None and config.rotation)
-        settings = [("dense", None), *pruned]
+        pruning = [] if dense_only else pruning_rows(space=config is not None and config.rotation)
+        settings = [("dense", None), *pruning]
         for name, changes in settings:
             if changes is not None:
                 auto = changes["alpha"] == "auto"
