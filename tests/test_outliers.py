@@ -94,6 +94,19 @@ def test_round_to_nearest_w4a4_breaks_the_derived_model_only(built, probe):
     assert errors["derived"] > 0.3 and errors["derived"] > 4 * errors["original"], errors
 
 
+@pytest.mark.parametrize("backbone", [{}, {"calibration": "builtin", "num_calibration_samples": NUM_SAMPLES}])
+def test_the_rotated_backbone_repairs_w4a4_on_the_derived_model(built, probe, backbone):
+    # the default QAPrunerConfig (rotation + RTN) and rotation + GPTQ, against the plain RTN that the outliers break
+    directory, processor, _ = built
+    reference = _logits(_load(directory), processor, probe)
+    broken = _rel_error(reference, _logits(_load(directory, {}), processor, probe))
+    config = optimum_qap.QAPrunerConfig(keep_ratio=1.0, **backbone)
+    model = LlavaForConditionalGeneration.from_pretrained(directory, quantization_config=config).eval()
+    assert model.config.quantization_config.weight_method == ("gptq" if backbone else "rtn")
+    repaired = _rel_error(reference, _logits(model, processor, probe))
+    assert repaired < 0.15 and repaired < broken / 4, (repaired, broken)
+
+
 def test_same_seed_same_weights_and_reload_as_plain_llava(built, tmp_path):
     directory, processor, stats = built
     reloaded = _load(directory)
