@@ -158,6 +158,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
             ],
         ),
         "",
+        *backbone_section(results, commands),
         *WHAT_LIMITS_SPEED,
     ]
     return "\n".join(lines)
@@ -187,7 +188,41 @@ WHAT_LIMITS_SPEED = [
 ]
 
 
-MEASUREMENTS = ("memory", "prefill", "generation", "linear")
+MEASUREMENTS = ("memory", "prefill", "generation", "linear", "backbone")
+
+
+def backbone_section(results: dict, commands: dict[str, str]) -> list[str]:
+    """Online rotations as a share of prefill, and GPTQ time, at LLaVA-1.5-7B shapes."""
+    backbone = results.get("backbone")
+    if backbone is None:
+        return []
+    layers = backbone["decoder_layers"]
+    reductions = list(backbone["gptq_error_reduction_vs_rtn"].values())
+    return [
+        "## Rotated backbone: online rotations and GPTQ",
+        "",
+        f"`{commands['backbone']}` ({backbone['dtype']}, {backbone['cpu_threads']} threads"
+        + (f", {backbone['cuda']}" if backbone["cuda"] else "")
+        + f"; {layers} decoder layers, prefill of {backbone['tokens']} tokens, not pruned)",
+        "",
+        *table(
+            ["measure", "value"],
+            [
+                ["prefill with the online rotations (s)", backbone["prefill_s"]],
+                ["prefill with them detached (s; timing only)", backbone["prefill_without_online_rotations_s"]],
+                ["online rotations, share of prefill", backbone["online_rotation_share"]],
+                [f"GPTQ, {backbone['gptq']['samples']} samples (s)", backbone["gptq"]["seconds"]],
+                ["GPTQ s per sample", backbone["gptq"]["seconds_per_sample"]],
+                ["GPTQ s per decoder layer (x 32 for the full 7B)", backbone["gptq_s_per_decoder_layer"]],
+                ["GPTQ output error below RTN, min-max over layers", f"{min(reductions):.2f}-{max(reductions):.2f}"],
+            ],
+        ),
+        "",
+        "GPTQ's time is mostly per layer (Hessian inversion and the column sweep), not per sample: the per-sample",
+        "figure divides the whole GPTQ time by the sample count. Random weights make the error reductions a",
+        "plumbing check, not an accuracy figure (those are in [results.md](results.md)).",
+        "",
+    ]
 
 
 def main() -> None:
@@ -200,7 +235,7 @@ def main() -> None:
         "--only",
         type=lambda text: set(text.split(",")),
         default=set(MEASUREMENTS),
-        help="comma list of memory,prefill,generation,linear to re-measure; the rest is kept from --json",
+        help="comma list of memory,prefill,generation,linear,backbone to re-measure; the rest is kept from --json",
     )
     args = parser.parse_args()
     commands = {
@@ -209,6 +244,7 @@ def main() -> None:
         "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers --repeats 3",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4",
+        "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }
     if args.render_only:
         with open(args.json) as handle:
@@ -254,6 +290,8 @@ def main() -> None:
         )
     if "linear" in args.only:
         keep("linear", run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3"))
+    if "backbone" in args.only:
+        keep("backbone", run("backbone.py", *commands["backbone"].split()[2:], *workdir))
     with open(args.markdown, "w") as handle:
         handle.write(markdown(results, commands))
     print(f"wrote {args.json} and {args.markdown}")
