@@ -15,6 +15,8 @@ demo: $(VENV)/.installed
 	mkdir -p runs
 	$(VENV)/bin/optimum-qap compress --output runs/demo-qap --overwrite --calib-samples 32
 	$(VENV)/bin/optimum-qap eval --limit 100 --alphas 0.7,auto --calib-samples 32 --output runs/demo-eval.json
+	# why the backbone matters: the demo model with LLM-style outlier channels, plain RTN vs rotation (+GPTQ)
+	$(VENV)/bin/python examples/backbone_results.py --limit 100 --models outlier --dense-only --output runs/backbone-demo.json
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from optimum_qap.quant import functional as qf
-from optimum_qap.quant.gptq import GPTQResult, HessianAccumulator, gptq_quantize, layer_output_error, run_gptq
+from optimum_qap.quant.gptq import GPTQResult, HessianAccumulator, layer_output_error, run_gptq
 
 # decisions of the float64 reference this close to a rounding tie may legitimately flip in float32
 TIE_TOLERANCE = 1e-3
@@ -194,7 +194,7 @@ def test_diagonal_hessian_is_rtn(bits, group_size, symmetric, act_order):
     gen = torch.Generator().manual_seed(bits)
     weight = torch.randn(8, 80, generator=gen)
     for hessian in (torch.eye(80), torch.diag(0.1 + torch.rand(80, generator=gen))):
-        codes = gptq_quantize(weight, hessian, bits, group_size, symmetric, act_order=act_order, block_size=32)
+        codes = run_gptq(weight, hessian, bits, group_size, symmetric, act_order=act_order, block_size=32).codes
         rtn = qf.quantize_weight(weight, bits, group_size, symmetric)
         assert torch.equal(codes.codes, rtn.codes)
         assert torch.equal(codes.scale, rtn.scale)
@@ -205,8 +205,8 @@ def test_act_order_is_permutation_equivariant():
     weight, hessian = correlated_layer(16, 64, seed=7)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     for symmetric in (False, True):
-        base = gptq_quantize(weight, hessian, 4, None, symmetric, act_order=True)
-        permuted = gptq_quantize(weight[:, perm], hessian[perm][:, perm], 4, None, symmetric, act_order=True)
+        base = run_gptq(weight, hessian, 4, None, symmetric, act_order=True).codes
+        permuted = run_gptq(weight[:, perm], hessian[perm][:, perm], 4, None, symmetric, act_order=True).codes
         assert torch.equal(permuted.codes, base.codes[:, perm])
         assert torch.equal(permuted.scale, base.scale)
 
@@ -215,8 +215,8 @@ def test_act_order_on_sorted_hessian_is_plain_order():
     weight, hessian = correlated_layer(16, 64, seed=8)
     perm = torch.argsort(torch.diagonal(hessian), descending=True)
     weight, hessian = weight[:, perm], hessian[perm][:, perm]
-    ordered = gptq_quantize(weight, hessian, 3, None, False, act_order=True)
-    plain = gptq_quantize(weight, hessian, 3, None, False, act_order=False)
+    ordered = run_gptq(weight, hessian, 3, None, False, act_order=True).codes
+    plain = run_gptq(weight, hessian, 3, None, False, act_order=False).codes
     assert torch.equal(ordered.codes, plain.codes)
 
 
@@ -273,17 +273,17 @@ def test_bfloat16_weight_gives_the_codes_of_its_float32_values():
     weight, hessian = correlated_layer(16, 64, seed=2)
     weight = weight.bfloat16()
     for group_size, act_order in [(None, False), (16, False), (16, True)]:
-        low = gptq_quantize(weight, hessian, 4, group_size, False, act_order=act_order)
-        high = gptq_quantize(weight.float(), hessian, 4, group_size, False, act_order=act_order)
+        low = run_gptq(weight, hessian, 4, group_size, False, act_order=act_order).codes
+        high = run_gptq(weight.float(), hessian, 4, group_size, False, act_order=act_order).codes
         assert torch.equal(low.codes, high.codes) and torch.equal(low.scale, high.scale)
         assert torch.equal(low.zero, high.zero)
 
 
 def test_group_size_at_least_in_features_is_per_channel():
     weight, hessian = correlated_layer(8, 48, seed=4)
-    per_channel = gptq_quantize(weight, hessian, 4, None, False)
+    per_channel = run_gptq(weight, hessian, 4, None, False).codes
     for size in (48, 64):
-        codes = gptq_quantize(weight, hessian, 4, size, False)
+        codes = run_gptq(weight, hessian, 4, size, False).codes
         assert torch.equal(codes.codes, per_channel.codes) and codes.scale.shape == (8, 1)
 
 
@@ -300,13 +300,13 @@ def test_indefinite_hessian_retries_with_more_damping():
 
 def test_hopeless_hessian_raises():
     with pytest.raises(torch.linalg.LinAlgError, match="not positive definite"):
-        gptq_quantize(torch.randn(4, 16), -torch.eye(16), 4, None, False)
+        run_gptq(torch.randn(4, 16), -torch.eye(16), 4, None, False)
     nan = torch.eye(16)
     nan[2, 3] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
-        gptq_quantize(torch.randn(4, 16), nan, 4, None, False)
+        run_gptq(torch.randn(4, 16), nan, 4, None, False)
     with pytest.raises(ValueError, match="shape"):
-        gptq_quantize(torch.randn(4, 16), torch.eye(8), 4, None, False)
+        run_gptq(torch.randn(4, 16), torch.eye(8), 4, None, False)
 
 
 # ------------------------------------------------------------------------------------------------- peers

@@ -73,20 +73,6 @@ class GPTQResult:
     dequantized: torch.Tensor
 
 
-def gptq_quantize(
-    weight: torch.Tensor,
-    hessian: torch.Tensor,
-    bits: int,
-    group_size: int | None,
-    symmetric: bool,
-    damping: float = 0.01,
-    act_order: bool = False,
-    block_size: int = 128,
-) -> WeightCodes:
-    """GPTQ codes of a [out, in] weight given the [in, in] Hessian of its inputs; see :func:`run_gptq`."""
-    return run_gptq(weight, hessian, bits, group_size, symmetric, damping, act_order, block_size).codes
-
-
 def run_gptq(
     weight: torch.Tensor,
     hessian: torch.Tensor,
