@@ -112,3 +112,26 @@ def test_symmetric_per_channel_gptq_without_act_order(tiny_repo):
     q_proj = model.model.language_model.layers[1].self_attn.q_proj
     assert q_proj.weight_scale.shape == (q_proj.out_features, 1) and not hasattr(q_proj, "weight_zero")
     assert model.config.quantization_config.calibration_summary["gptq"]["mean_error_reduction_vs_rtn"] > 0
+
+
+def test_device_map_load_rotates_and_runs_gptq_in_place(tiny_repo, gptq_model):
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_repo, device_map="cpu",
+                                                          quantization_config=gptq_config())
+    inputs = eval_inputs(3)
+    assert torch.equal(model(**inputs).logits, gptq_model(**inputs).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_rotation_and_gptq_on_cuda_match_cpu(tiny_repo):
+    config = gptq_config()
+    cuda = LlavaForConditionalGeneration.from_pretrained(tiny_repo, dtype=torch.bfloat16, device_map="cuda",
+                                                         quantization_config=config)
+    cpu = LlavaForConditionalGeneration.from_pretrained(tiny_repo, dtype=torch.bfloat16, quantization_config=config)
+    fp = LlavaForConditionalGeneration.from_pretrained(tiny_repo)
+    assert cuda.model.language_model.layers[0].mlp.down_proj.weight_packed.device.type == "cuda"
+    inputs = eval_inputs(5)
+    reference = fp(**inputs).logits
+    got = cuda(**{k: v.cuda() for k, v in inputs.items()}).logits.float().cpu()
+    expected = cpu(**inputs).logits.float()
+    # both are bf16 W4A4 of the same float model: as close to each other as each is to full precision
+    assert (got - expected).norm() <= (expected - reference).norm()
