@@ -203,3 +203,16 @@ def test_gptq_without_samples_names_the_fix(gained_repo):
                                                       quantization_config=QAPrunerConfig(weight_method="gptq"))
     assert QAPrunerConfig().weight_method == "rtn"
     assert QAPrunerConfig(calibration="builtin").weight_method == "gptq"
+
+
+def test_online_rotations_are_safe_under_concurrent_calls(gained_repo):
+    # the rotations' per-device matrix cache is the only shared state the backbone adds; fill it from many threads
+    from concurrent.futures import ThreadPoolExecutor
+
+    config = QAPrunerConfig(keep_ratio=1.0)
+    model = LlavaForConditionalGeneration.from_pretrained(gained_repo, quantization_config=config)
+    batches = [inputs(seed=seed) for seed in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(lambda batch: model(**batch).logits, batches))
+    for batch, logits in zip(batches, concurrent, strict=True):
+        assert torch.equal(logits, model(**batch).logits)
