@@ -99,6 +99,19 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
     return rows
 
 
+def gptq_layer_table(path, calibration: list[dict]) -> str:
+    """Per decoder linear: output error of RTN and GPTQ weights on the calibration inputs (rotated backbone)."""
+    config = backbones(calibration)["W4A4 rotation + GPTQ"]
+    model = LlavaForConditionalGeneration.from_pretrained(path, quantization_config=config)
+    gptq = model.config.quantization_config.calibration_summary["gptq"]
+    lines = [f"GPTQ: {gptq['seconds']:.1f} s on {gptq['samples']} samples", "",
+             "| layer | RTN error | GPTQ error | reduction |", "|---|---|---|---|"]
+    for name, row in gptq["layers"].items():
+        lines.append(f"| {name.split('layers.', 1)[1]} | {row['rtn']:.4g} | {row['gptq']:.4g} | "
+                     f"{100 * row['reduction']:.1f} % |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["| backbone | visual tokens | pruning | accuracy % (95% CI) | vs FP, same pruning (paired 95% CI) |",
              "|---|---|---|---|---|"]
@@ -119,6 +132,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--models", default="outlier,demo", help="comma-separated: outlier, demo")
     parser.add_argument("--dense-only", action="store_true", help="only the unpruned row of each backbone")
+    parser.add_argument("--gptq-layers", action="store_true", help="only print GPTQ's per-layer error reduction")
     parser.add_argument("--output", default="docs/backbone.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -134,6 +148,10 @@ def main() -> None:
         if "outlier" in args.models:
             report["outlier_model"] = build_outlier_demo(folder / "outlier")
             paths["outlier"] = folder / "outlier"
+        if args.gptq_layers:
+            for key in args.models.split(","):
+                print(f"\n## {key}\n\n{gptq_layer_table(paths[key], calibration)}")
+            return
         for key in args.models.split(","):
             processor = AutoProcessor.from_pretrained(paths[key])
             rows = evaluate_model(paths[key], processor, dataset, calibration, samples, args.batch_size,
