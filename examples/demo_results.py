@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--no-rotation", action="store_true", help="plain RTN W4A4 (the backbone before rotation)")
     parser.add_argument("--output", default="docs/results.json")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -77,7 +78,7 @@ def main() -> None:
 
     outliers = {}
     for granularity in GRANULARITIES:
-        base = optimum_qap.QAPrunerConfig(a_granularity=granularity)
+        base = optimum_qap.QAPrunerConfig(a_granularity=granularity, rotation=not args.no_rotation)
         model = load_quantized(base, processor, args.calib_samples)
         if granularity == "static_per_channel":
             report = optimum_qap.outlier_report(model)
@@ -122,7 +123,8 @@ def main() -> None:
         del model
 
     report = {
-        "command": f"python examples/demo_results.py --limit {args.limit} --calib-samples {args.calib_samples}",
+        "command": f"python examples/demo_results.py --limit {args.limit} --calib-samples {args.calib_samples}"
+        + " --no-rotation" * args.no_rotation,
         "seconds": time.perf_counter() - start,
         "outliers": outliers,
         "tables": {name: [r.to_dict() | {"predictions": None} for r in rows] for name, rows in run.results.items()},
