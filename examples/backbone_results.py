@@ -60,7 +60,7 @@ def saved_calibration(folder: Path, count: int) -> tuple[list[dict], list[dict]]
 
 
 def evaluate_model(path, processor, dataset, calibration, samples, batch_size, log, dense_only=False) -> list[dict]:
-    rows, fp_hits = [], {}
+    rows, fp_hits, previous_hits = [], {}, {}
     for backbone, config in backbones(calibration).items():
         start = time.perf_counter()
         if config is None:
@@ -87,9 +87,13 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
                                        result.name, progress=False)
             score(result, dataset, answers)
             key = name.split(" -> ")[0].replace(", S^Q on quantizer input", "")
-            fp_hits.setdefault(key, result.hits)  # FP comes first: its rows are the paired references
-            difference = paired_difference(result.hits, fp_hits[key])
-            rows.append({**result.to_dict(), "predictions": None, "vs_fp_same_pruning": difference,
+            # FP and the previous default come first: their rows are the paired references of the same pruning
+            fp_hits.setdefault(key, result.hits)
+            if backbone.startswith("W4A4 RTN"):
+                previous_hits[key] = result.hits
+            rows.append({**result.to_dict(), "predictions": None, "hits": [int(h) for h in result.hits],
+                         "vs_fp_same_pruning": paired_difference(result.hits, fp_hits[key]),
+                         "vs_previous_default": paired_difference(result.hits, previous_hits.get(key, result.hits)),
                          "load_seconds": round(load_seconds, 2)})
             log(rows[-1])
         if config is not None and config.weight_method == "gptq":
@@ -113,15 +117,15 @@ def gptq_layer_table(path, calibration: list[dict]) -> str:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| backbone | visual tokens | pruning | accuracy % (95% CI) | vs FP, same pruning (paired 95% CI) |",
-             "|---|---|---|---|---|"]
+    lines = ["| backbone | visual tokens | pruning | accuracy % (95% CI) | vs FP, same pruning (paired 95% CI) "
+             "| vs previous default (paired 95% CI) |", "|---|---|---|---|---|---|"]
     for row in rows:
         backbone, pruning = row["name"].split(" | ")
         low, high = row["ci95"]
-        diff, dlow, dhigh = row["vs_fp_same_pruning"]
+        cells = [f"{100 * d:+.1f} ({100 * lo:+.1f} to {100 * hi:+.1f})" if not backbone.startswith("FP") else "-"
+                 for d, lo, hi in (row["vs_fp_same_pruning"], row["vs_previous_default"])]
         lines.append(f"| {backbone} | {row['visual_tokens']} | {pruning} | {100 * row['accuracy']:.1f} "
-                     f"({100 * low:.1f}-{100 * high:.1f}) | {100 * diff:+.1f} "
-                     f"({100 * dlow:+.1f} to {100 * dhigh:+.1f}) |")
+                     f"({100 * low:.1f}-{100 * high:.1f}) | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 
 
