@@ -179,12 +179,11 @@ def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, 
     if config.rotation:
         rotate_language_model(model, config.rotation_seed)
         attach_online_rotations(model)
-    codes = {}
     if config.weight_method == "gptq" and config.quantizes_weights:
         from .transforms.gptq_model import gptq_quantize_model
 
-        codes = gptq_quantize_model(model, processor, samples, config)
-    quantize_linears(model, config, codes)
+        gptq_quantize_model(model, processor, samples, config)  # the decoder layers
+    quantize_linears(model, config)  # what is left (a quantized projector or vision tower): round to nearest
     if config.rotation:
         attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
 

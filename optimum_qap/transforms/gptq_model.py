@@ -103,12 +103,13 @@ def _error_reduction(weight: torch.Tensor, gptq: torch.Tensor, hessian: torch.Te
 
 @torch.no_grad()
 def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config, progress: bool = True) -> dict:
-    """GPTQ codes (module name -> `WeightCodes`) for every selected linear of the decoder layers.
+    """Replace every selected linear of the decoder layers by its GPTQ-quantized `QuantLinear`, layer by layer;
+    returns the per-layer error report.
 
-    Replaces each decoder layer's linears by `QuantLinear`s as it goes; linears outside the decoder layers (a
-    quantized projector or vision tower) are left to the caller. Records time and per-layer output error (GPTQ vs
-    round to nearest, tr(ΔW H ΔWᵀ) on the calibration inputs, over `REPORT_ROWS` evenly spaced output rows) in
-    ``config.calibration_summary["gptq"]``.
+    Each layer's codes are packed as soon as they exist and its float weights released (nothing model-sized is
+    kept); linears outside the decoder layers (a quantized projector or vision tower) are left to the caller.
+    Records time and per-layer output error (GPTQ vs round to nearest, tr(ΔW H ΔWᵀ) on the calibration inputs,
+    over `REPORT_ROWS` evenly spaced output rows) in ``config.calibration_summary["gptq"]``.
     """
     from ..quantizer import linear_names_to_quantize, quantize_linears
     from ..transforms.rotation import ONLINE_HOOK, attach_online_rotations
@@ -118,16 +119,16 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
     decoder = model.model.language_model
     prefix = next(name for name, module in model.named_modules() if module is decoder)
     inputs = capture_layer_inputs(model, processor, samples, decoder.layers[0])
-    all_codes, report = {}, {}
+    report = {}
     for index, layer in enumerate(tqdm(decoder.layers, desc="GPTQ", disable=not progress)):
         layer_prefix = f"{prefix}.layers.{index}."
         linears = {layer_prefix + n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and layer_prefix + n in selected}
         codes, errors = _quantize_layer(layer, linears, inputs, config)
-        all_codes.update(codes)
         report.update(errors)
         rotated = any(getattr(m, ONLINE_HOOK, None) is not None for m in linears.values())
         quantize_linears(model, config, codes, names=list(linears))
+        del codes, linears  # the float weights of this layer go with them
         if rotated:
             attach_online_rotations(model)
         quantized = [m for m in layer.modules() if isinstance(m, QuantLinear)]
@@ -145,4 +146,4 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
             "layers": {name: {k: float(f"{v:.4g}") for k, v in r.items()} for name, r in report.items()},
         },
     }
-    return all_codes
+    return report
