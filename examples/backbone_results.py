@@ -103,6 +103,22 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
     return rows
 
 
+@torch.no_grad()
+def held_out_logit_error(path, calibration: list[dict], count: int = 64) -> dict[str, float]:
+    """Relative L2 error of the logits against full precision on test-split prompts GPTQ never saw."""
+    processor = AutoProcessor.from_pretrained(path)
+    examples = make_dataset(count, "test")
+    prompts = [processor(images=e.image, text=e.prompt, return_tensors="pt") for e in examples]
+    fp = LlavaForConditionalGeneration.from_pretrained(path)
+    reference = [fp(**p).logits for p in prompts]
+    errors = {}
+    for name in ("W4A4 rotation + RTN", "W4A4 rotation + GPTQ"):
+        model = LlavaForConditionalGeneration.from_pretrained(path, quantization_config=backbones(calibration)[name])
+        errors[name] = sum(float((model(**p).logits - r).norm() / r.norm())
+                           for p, r in zip(prompts, reference, strict=True)) / count
+    return errors
+
+
 def gptq_layer_table(path, calibration: list[dict]) -> str:
     """Per decoder linear: output error of RTN and GPTQ weights on the calibration inputs (rotated backbone)."""
     config = backbones(calibration)["W4A4 rotation + GPTQ"]
@@ -113,6 +129,9 @@ def gptq_layer_table(path, calibration: list[dict]) -> str:
     for name, row in gptq["layers"].items():
         lines.append(f"| {name.split('layers.', 1)[1]} | {row['rtn']:.4g} | {row['gptq']:.4g} | "
                      f"{100 * row['reduction']:.1f} % |")
+    held_out = held_out_logit_error(path, calibration)
+    lines += ["", "Held-out logits, relative L2 error against full precision (64 test-split prompts): "
+              + ", ".join(f"{name} {value:.4f}" for name, value in held_out.items())]
     return "\n".join(lines)
 
 
