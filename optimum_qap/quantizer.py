@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -49,26 +50,26 @@ def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[s
     return selected
 
 
+def _swap_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module]) -> None:
+    """Replace each named linear by ``make(name, linear)``, one at a time (the old module is released each time)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, make(name, getattr(parent, child)))
+
+
 def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: bool) -> list[str]:
     """Swap the selected `nn.Linear` modules for empty `QuantLinear`s of the same shape, dtype and device."""
     if not (config.quantizes_weights or config.quantizes_activations):
         return []  # a plain token pruner
     spec = QuantSpec.from_config(config)
     names = linear_names_to_quantize(model, config)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        quantized = QuantLinear(
-            linear.in_features,
-            linear.out_features,
-            linear.bias is not None,
-            spec,
-            dtype=linear.weight.dtype,
-            device=linear.weight.device,
-            awaiting_weight=awaiting_weight,
-        )
-        setattr(parent, child, quantized)
+
+    def empty(_name: str, linear: nn.Linear) -> QuantLinear:
+        return QuantLinear(linear.in_features, linear.out_features, linear.bias is not None, spec,
+                           dtype=linear.weight.dtype, device=linear.weight.device, awaiting_weight=awaiting_weight)
+
+    _swap_linears(model, names, empty)
     return names
 
 
@@ -84,12 +85,8 @@ def quantize_linears(
         return []
     spec = QuantSpec.from_config(config)
     names = linear_names_to_quantize(model, config) if names is None else names
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        setattr(parent, child, QuantLinear.from_linear(linear, spec, (codes or {}).get(name)))
-        del linear
+    codes = codes or {}
+    _swap_linears(model, names, lambda name, linear: QuantLinear.from_linear(linear, spec, codes.get(name)))
     return names
 
 
