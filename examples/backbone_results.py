@@ -91,7 +91,8 @@ def evaluate_model(path, processor, dataset, calibration, samples, batch_size, l
             fp_hits.setdefault(key, result.hits)
             if backbone.startswith("W4A4 RTN"):
                 previous_hits[key] = result.hits
-            rows.append({**result.to_dict(), "predictions": None, "hits": [int(h) for h in result.hits],
+            hits = "".join("1" if h else "0" for h in result.hits)
+            rows.append({**result.to_dict(), "predictions": None, "hits": hits,
                          "vs_fp_same_pruning": paired_difference(result.hits, fp_hits[key]),
                          "vs_previous_default": paired_difference(result.hits, previous_hits.get(key, result.hits)),
                          "load_seconds": round(load_seconds, 2)})
