@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import copy
-import json
-import math
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .config_checks import (
+    check_bool,
+    check_calibration,
+    check_choice,
+    check_positive_int,
+    check_str_list,
+    check_unit_interval,
+    invalid,
+    is_int,
+    is_json_object,
+    is_real,
+)
 
 QUANT_METHOD = "qap"
 # Bump when the on-disk layout of quantized modules changes; loading a newer version is refused.
@@ -29,78 +40,6 @@ AUTO = "auto"
 # authors' public range (0.3-0.7). The demo models favour alpha 1, the paper's gains on real LLaVA need weight on S^Q;
 # without samples to decide, the paper's method is the default.
 DEFAULT_ALPHA = 0.7
-
-
-def _invalid(field: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"QAPrunerConfig.{field}={value!r} is invalid: {allowed}.")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_choice(field: str, value: Any, choices: tuple) -> None:
-    # `value in choices` alone would accept True for 1 and 4.0 for 4
-    if type(value) not in {type(c) for c in choices} or value not in choices:
-        raise _invalid(field, value, f"expected one of {list(choices)}")
-
-
-def _check_positive_int(field: str, value: Any, optional: bool = False) -> None:
-    if value is None and optional:
-        return
-    if not _is_int(value) or value <= 0:
-        raise _invalid(field, value, "expected a positive integer" + (" or None" if optional else ""))
-
-
-def _check_unit_interval(field: str, value: Any, low_open: bool = False) -> None:
-    if not _is_real(value) or value < 0 or value > 1 or (low_open and value == 0):
-        interval = "(0, 1]" if low_open else "[0, 1]"
-        raise _invalid(field, value, f"expected a number in {interval}")
-
-
-def _check_bool(field: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise _invalid(field, value, "expected true or false")
-
-
-def _check_str_list(field: str, value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise _invalid(field, value, "expected a list of non-empty module names or None")
-
-
-def _check_calibration(field: str, value: Any) -> None:
-    if value is None or value == "builtin":
-        return
-    if isinstance(value, list) and value and all(_is_sample(v) for v in value):
-        return
-    raise _invalid(
-        field,
-        value,
-        'expected None, "builtin" (samples shipped with optimum-qap) or a non-empty list of '
-        '{"image": <path>, "text": <prompt>} dicts',
-    )
-
-
-def _is_json_object(value: Any) -> bool:
-    try:
-        return isinstance(value, dict) and json.loads(json.dumps(value, allow_nan=False)) == value
-    except (TypeError, ValueError):
-        return False
-
-
-def _is_sample(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and set(value) == {"image", "text"}
-        and isinstance(value["image"], str)
-        and isinstance(value["text"], str)
-    )
 
 
 class QAPrunerConfig(QuantizationConfigMixin):
@@ -269,92 +208,92 @@ class QAPrunerConfig(QuantizationConfigMixin):
 
     def post_init(self) -> None:
         """Validate every field; raises `ValueError` naming the field, the value and what is allowed."""
-        if not _is_int(self.format_version) or self.format_version < 1:
-            raise _invalid("format_version", self.format_version, "expected a positive integer")
+        if not is_int(self.format_version) or self.format_version < 1:
+            raise invalid("format_version", self.format_version, "expected a positive integer")
         if self.format_version > FORMAT_VERSION:
-            raise _invalid(
+            raise invalid(
                 "format_version",
                 self.format_version,
                 f"this checkpoint was written by a newer optimum-qap (format {self.format_version}); this release "
                 f"reads format <= {FORMAT_VERSION}, upgrade with `pip install -U optimum-qap`",
             )
-        _check_choice("w_bits", self.w_bits, WEIGHT_BITS)
-        _check_positive_int("w_group_size", self.w_group_size, optional=True)
-        _check_bool("w_symmetric", self.w_symmetric)
-        _check_choice("a_bits", self.a_bits, ACTIVATION_BITS)
-        _check_choice("a_granularity", self.a_granularity, ACTIVATION_GRANULARITIES)
-        _check_positive_int("a_group_size", self.a_group_size)
-        _check_bool("a_symmetric", self.a_symmetric)
-        _check_bool("quantize_projector", self.quantize_projector)
-        _check_bool("quantize_vision_tower", self.quantize_vision_tower)
-        _check_str_list("modules_to_not_convert", self.modules_to_not_convert)
-        _check_calibration("calibration", self.calibration)
-        _check_positive_int("num_calibration_samples", self.num_calibration_samples)
-        if not _is_real(self.outlier_ratio) or self.outlier_ratio <= 1:
-            raise _invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
-        _check_bool("rotation", self.rotation)
-        if not _is_int(self.rotation_seed) or self.rotation_seed < 0:
-            raise _invalid("rotation_seed", self.rotation_seed, "expected an integer >= 0")
-        _check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
-        if not _is_real(self.gptq_damping) or not 0 < self.gptq_damping <= 1:
-            raise _invalid("gptq_damping", self.gptq_damping, "expected a number in (0, 1]")
-        _check_bool("gptq_act_order", self.gptq_act_order)
-        _check_positive_int("gptq_block_size", self.gptq_block_size)
-        _check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
-        _check_positive_int("keep_tokens", self.keep_tokens, optional=True)
+        check_choice("w_bits", self.w_bits, WEIGHT_BITS)
+        check_positive_int("w_group_size", self.w_group_size, optional=True)
+        check_bool("w_symmetric", self.w_symmetric)
+        check_choice("a_bits", self.a_bits, ACTIVATION_BITS)
+        check_choice("a_granularity", self.a_granularity, ACTIVATION_GRANULARITIES)
+        check_positive_int("a_group_size", self.a_group_size)
+        check_bool("a_symmetric", self.a_symmetric)
+        check_bool("quantize_projector", self.quantize_projector)
+        check_bool("quantize_vision_tower", self.quantize_vision_tower)
+        check_str_list("modules_to_not_convert", self.modules_to_not_convert)
+        check_calibration("calibration", self.calibration)
+        check_positive_int("num_calibration_samples", self.num_calibration_samples)
+        if not is_real(self.outlier_ratio) or self.outlier_ratio <= 1:
+            raise invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
+        check_bool("rotation", self.rotation)
+        if not is_int(self.rotation_seed) or self.rotation_seed < 0:
+            raise invalid("rotation_seed", self.rotation_seed, "expected an integer >= 0")
+        check_choice("weight_method", self.weight_method, WEIGHT_METHODS)
+        if not is_real(self.gptq_damping) or not 0 < self.gptq_damping <= 1:
+            raise invalid("gptq_damping", self.gptq_damping, "expected a number in (0, 1]")
+        check_bool("gptq_act_order", self.gptq_act_order)
+        check_positive_int("gptq_block_size", self.gptq_block_size)
+        check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
+        check_positive_int("keep_tokens", self.keep_tokens, optional=True)
         if self.alpha != AUTO:
-            _check_unit_interval("alpha", self.alpha)
+            check_unit_interval("alpha", self.alpha)
         if not isinstance(self.alpha_grid, list) or not self.alpha_grid:
-            raise _invalid("alpha_grid", self.alpha_grid, "expected a non-empty list of numbers in [0, 1]")
+            raise invalid("alpha_grid", self.alpha_grid, "expected a non-empty list of numbers in [0, 1]")
         for value in self.alpha_grid:
-            _check_unit_interval("alpha_grid", value)
-        _check_choice("fusion", self.fusion, FUSIONS)
-        if self.outlier_slots != AUTO and (not _is_int(self.outlier_slots) or self.outlier_slots < 0):
-            raise _invalid("outlier_slots", self.outlier_slots, 'expected an integer >= 0 or "auto"')
-        if self.keep_tokens is not None and _is_int(self.outlier_slots) and self.outlier_slots > self.keep_tokens:
-            raise _invalid("outlier_slots", self.outlier_slots, f"cannot exceed keep_tokens={self.keep_tokens}")
+            check_unit_interval("alpha_grid", value)
+        check_choice("fusion", self.fusion, FUSIONS)
+        if self.outlier_slots != AUTO and (not is_int(self.outlier_slots) or self.outlier_slots < 0):
+            raise invalid("outlier_slots", self.outlier_slots, 'expected an integer >= 0 or "auto"')
+        if self.keep_tokens is not None and is_int(self.outlier_slots) and self.outlier_slots > self.keep_tokens:
+            raise invalid("outlier_slots", self.outlier_slots, f"cannot exceed keep_tokens={self.keep_tokens}")
         if (
             not isinstance(self.slot_grid, list)
             or not self.slot_grid
-            or not all(_is_int(m) and m >= 0 for m in self.slot_grid)
+            or not all(is_int(m) and m >= 0 for m in self.slot_grid)
         ):
-            raise _invalid("slot_grid", self.slot_grid, "expected a non-empty list of integers >= 0")
-        _check_positive_int("auto_max_samples", self.auto_max_samples)
-        _check_choice("auto_criterion", self.auto_criterion, AUTO_CRITERIA)
-        _check_choice("semantic", self.semantic, SEMANTIC_SCORES)
+            raise invalid("slot_grid", self.slot_grid, "expected a non-empty list of integers >= 0")
+        check_positive_int("auto_max_samples", self.auto_max_samples)
+        check_choice("auto_criterion", self.auto_criterion, AUTO_CRITERIA)
+        check_choice("semantic", self.semantic, SEMANTIC_SCORES)
         if self.clip_text_model is not None:
             if not isinstance(self.clip_text_model, str) or not self.clip_text_model:
-                raise _invalid("clip_text_model", self.clip_text_model, "expected a CLIP model id or folder, or None")
+                raise invalid("clip_text_model", self.clip_text_model, "expected a CLIP model id or folder, or None")
             if self.semantic != "cdpruner":
-                raise _invalid(
+                raise invalid(
                     "clip_text_model",
                     self.clip_text_model,
                     f'it sets the text tower of semantic="cdpruner", but semantic is "{self.semantic}"',
                 )
-        _check_choice("selection", self.selection, SELECTIONS)
-        _check_unit_interval("error_weight", self.error_weight)
-        _check_unit_interval("range_weight", self.range_weight)
+        check_choice("selection", self.selection, SELECTIONS)
+        check_unit_interval("error_weight", self.error_weight)
+        check_unit_interval("range_weight", self.range_weight)
         if self.error_weight + self.range_weight == 0:
-            raise _invalid("error_weight", self.error_weight, "error_weight and range_weight cannot both be 0")
-        _check_positive_int("sensitivity_group_size", self.sensitivity_group_size)
+            raise invalid("error_weight", self.error_weight, "error_weight and range_weight cannot both be 0")
+        check_positive_int("sensitivity_group_size", self.sensitivity_group_size)
         if self.sensitivity_bits is not None:
-            _check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
-        _check_choice("sensitivity_space", self.sensitivity_space, SENSITIVITY_SPACES)
+            check_choice("sensitivity_bits", self.sensitivity_bits, (2, 3, 4, 8))
+        check_choice("sensitivity_space", self.sensitivity_space, SENSITIVITY_SPACES)
         if self.base_model is not None and (not isinstance(self.base_model, str) or not self.base_model):
-            raise _invalid("base_model", self.base_model, "expected a model id or None")
+            raise invalid("base_model", self.base_model, "expected a model id or None")
         for field in ("calibration_summary", "token_statistics", "auto_selection"):
             value = getattr(self, field)
-            if value is not None and not _is_json_object(value):
-                raise _invalid(field, value, "expected a JSON object or None")
+            if value is not None and not is_json_object(value):
+                raise invalid(field, value, "expected a JSON object or None")
         if self.needs_auto_selection and self.calibration is None:
-            raise _invalid(
+            raise invalid(
                 "calibration",
                 self.calibration,
                 'alpha="auto" and outlier_slots="auto" choose their value on calibration samples: pass '
                 'calibration="builtin" or a list of samples, or call optimum_qap.select_fusion(...) after loading',
             )
         if self.prunes and self.fusion == "outlier_slots" and self.calibration is None and not self.token_statistics:
-            raise _invalid(
+            raise invalid(
                 "calibration",
                 self.calibration,
                 'fusion="outlier_slots" compares tokens with calibrated token statistics: pass calibration="builtin" '
@@ -377,7 +316,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
     def check_can_quantize(self) -> None:
         """Raise when these settings cannot quantize a float model (a saved config may describe finished weights)."""
         if self.weight_method == "gptq" and self.calibration is None and self.quantizes_weights:
-            raise _invalid(
+            raise invalid(
                 "weight_method",
                 self.weight_method,
                 'GPTQ needs calibration samples: pass calibration="builtin" or a list of samples, or use "rtn"',
@@ -412,7 +351,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         fields = dict(config_dict)
         method = fields.pop("quant_method", QUANT_METHOD)
         if method != QUANT_METHOD:
-            raise _invalid("quant_method", method, f'expected "{QUANT_METHOD}"')
+            raise invalid("quant_method", method, f'expected "{QUANT_METHOD}"')
         unknown = sorted(set(fields) - set(_init_fields()), key=str)
         if unknown:
             raise ValueError(
@@ -420,7 +359,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
                 "A checkpoint written by a newer optimum-qap may need `pip install -U optimum-qap`."
             )
         version = fields.get("format_version", 1)
-        if _is_int(version) and version < 2:
+        if is_int(version) and version < 2:
             # written before rotation and GPTQ existed: its weights are plain round-to-nearest
             fields.setdefault("rotation", False)
             fields.setdefault("weight_method", "rtn")
