@@ -10,6 +10,7 @@ from transformers import LlavaForConditionalGeneration
 
 import optimum_qap
 from optimum_qap import QAPrunerConfig, QuantLinear
+from optimum_qap.pruning.scoring import channel_range, minmax_normalize
 from optimum_qap.transforms.hadamard import KroneckerRotation, dct_matrix, orthogonal_factors, sylvester_hadamard
 from optimum_qap.transforms.rotation import ONLINE_HOOK, attach_online_rotations, rotate_language_model
 
@@ -216,3 +217,26 @@ def test_online_rotations_are_safe_under_concurrent_calls(gained_repo):
         concurrent = list(pool.map(lambda batch: model(**batch).logits, batches))
     for batch, logits in zip(batches, concurrent, strict=True):
         assert torch.equal(logits, model(**batch).logits)
+
+
+def test_projector_space_scores_equal_the_unrotated_models_and_quantizer_space_reads_the_norm(gained_repo):
+    from optimum_qap import last_selection
+
+    def selection(**changes):
+        config = QAPrunerConfig(**{**OFF, "keep_ratio": 0.5, "alpha": 0.5, **changes})
+        model = LlavaForConditionalGeneration.from_pretrained(gained_repo, quantization_config=config)
+        model(**inputs())
+        return model, last_selection(model)[0]
+
+    _, plain = selection(rotation=False)
+    _, rotated = selection(rotation=True)
+    torch.testing.assert_close(rotated.error, plain.error, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rotated.range, plain.range, rtol=1e-4, atol=1e-5)
+    assert torch.equal(rotated.kept, plain.kept)
+    model, quantizer = selection(rotation=True, sensitivity_space="quantizer")
+    with optimum_qap.pruning_disabled(model):
+        features = model.model.get_image_features(pixel_values=inputs()["pixel_values"]).pooler_output[0]
+    normed = model.model.language_model.layers[0].input_layernorm(features)
+    expected = minmax_normalize(channel_range(normed))
+    torch.testing.assert_close(quantizer.range, expected)
+    assert not torch.allclose(quantizer.range, rotated.range)
