@@ -35,5 +35,6 @@ def sensitivity_tokens(llava_model: nn.Module, config, features: torch.Tensor) -
     if config.sensitivity_space == "quantizer":
         return llava_model.language_model.layers[0].input_layernorm(features)
     if config.rotation and is_rotated(llava_model):
-        return residual_rotation(features.shape[-1], config.rotation_seed).apply(features, transpose=True)
+        # in float32, as the scores are computed: also faster than a bf16 matmul on CPUs without bf16 units
+        return residual_rotation(features.shape[-1], config.rotation_seed).apply(features.float(), transpose=True)
     return features
