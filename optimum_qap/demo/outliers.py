@@ -436,17 +436,12 @@ def build_outlier_demo(
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     from . import DEMO_MODEL_PATH
-    from .planted import weights_sha256
+    from .planted import save_derived_model
 
     start = time.perf_counter()
     source = DEMO_MODEL_PATH if model_path is None else model_path
     model = LlavaForConditionalGeneration.from_pretrained(source)
     processor = AutoProcessor.from_pretrained(source)
     stats = plant_outlier_channels(model, processor, default_samples(num_samples), **kwargs)
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
-    stats["source"] = {"path": str(source), "sha256": weights_sha256(source)}
     stats["build_seconds"] = round(time.perf_counter() - start, 2)
-    (output_dir / "outlier_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    return stats
+    return save_derived_model(output_dir, model, processor, stats, source, "outlier_stats.json")

@@ -530,11 +530,16 @@ def build_planted_demo(
     stats = plant_massive_activations(
         model, [e.image for e in examples], processor=processor, prompts=[e.prompt for e in examples], **kwargs
     )
+    return save_derived_model(output_dir, model, processor, stats, source, "planted_stats.json")
+
+
+def save_derived_model(output_dir, model: nn.Module, processor, stats: dict, source, stats_file: str) -> dict:
+    """Save a model derived from ``source`` with its processor, and its stats (plus the source weights' SHA-256)."""
     stats["source"] = {"path": str(source), "sha256": weights_sha256(source)}
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    (output_dir / "planted_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    (output_dir / stats_file).write_text(json.dumps(stats, indent=2) + "\n")
     return stats
 
 
