@@ -108,7 +108,7 @@ class AnswerPosition:
             return
         self.log_probs.append(torch.log_softmax(self.model.lm_head(hidden[:, -1]).float(), dim=-1).cpu())
         pruner = getattr(self.model, "qap_pruner", None)
-        if pruner is not None and pruner.enabled:
+        if pruner is not None and pruner.active:
             self.kept += [len(self.watched & set(s.kept.tolist())) for s in pruner.last]
 
     def remove(self) -> None:

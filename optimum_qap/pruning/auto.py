@@ -161,12 +161,13 @@ def select_fusion(
     chosen = choose(scores, baseline=str(0 if slots else 1.0))  # alpha 1.0, or no reserved slots
     curve = {key: sum(values) / len(values) for key, values in scores.items()}
     record = {name: int(chosen) if slots else float(chosen), curve_key: curve}
-    setattr(config, name, "auto")
     seconds = time.perf_counter() - start
     record |= {
         "criterion": CRITERIA[config.auto_criterion],
         "samples": len(prepared),
         "seconds_per_point_per_sample": round(seconds / (len(values) * len(prepared)), 4),
     }
+    # the choice first, then "auto": a call in another thread never sees "auto" without a chosen value
     config.auto_selection = record
+    setattr(config, name, "auto")
     return record

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
+from . import call_state
 from .clip_text import ClipTextRelevance
 from .compaction import PlaceholderLayout, compact, placeholder_keep_mask, positions_from_mask
 from .scoring import (
@@ -100,11 +102,8 @@ class TokenPruner:
     def __init__(self, model: nn.Module, config):
         self.config = config
         self.base = model.model
-        self.enabled = True
-        self.last: list[ImageSelection] = []
-        # set while "auto" values are being chosen (optimum_qap.select_fusion)
-        self.alpha_override: float | None = None
-        self.slots_override: int | None = None
+        self.enabled = True  # for every thread; `pruning_disabled` switches it off for one
+        self._local = threading.local()  # this thread's last selection
         llava_config = model.config
         if config.semantic == "cls_attention":
             if not _has_cls_token(self.base.vision_tower):
@@ -122,6 +121,42 @@ class TokenPruner:
         self.clip, self.instruction_tokenizer = (None, None)
         if config.clip_text_model is not None:
             self.clip, self.instruction_tokenizer = _clip_text_tower(model, config)
+
+    @property
+    def key(self) -> int:
+        """Identifies the model (not this pruner) in the per-thread state: `attach_pruner` may swap the pruner."""
+        return id(self.base)
+
+    @property
+    def active(self) -> bool:
+        """Pruning on for the calling thread."""
+        return self.enabled and not call_state.is_disabled(self.key)
+
+    @property
+    def last(self) -> list[ImageSelection]:
+        """The selections of this thread's last pruned call."""
+        return getattr(self._local, "last", [])
+
+    @last.setter
+    def last(self, selections: list[ImageSelection]) -> None:
+        self._local.last = selections
+
+    # set while "auto" values are being chosen (optimum_qap.select_fusion); per thread
+    @property
+    def alpha_override(self) -> float | None:
+        return call_state.override(self.key, "alpha")
+
+    @alpha_override.setter
+    def alpha_override(self, value: float | None) -> None:
+        call_state.set_override(self.key, "alpha", value)
+
+    @property
+    def slots_override(self) -> int | None:
+        return call_state.override(self.key, "outlier_slots")
+
+    @slots_override.setter
+    def slots_override(self, value: int | None) -> None:
+        call_state.set_override(self.key, "outlier_slots", value)
 
     def budget(self, num_tokens: int) -> int:
         return resolve_budget(num_tokens, self.config.keep_ratio, self.config.keep_tokens)
@@ -239,27 +274,10 @@ class TokenPruner:
 
     def run_vision(self, get_image_features, pixel_values, **kwargs) -> tuple[object, torch.Tensor, dict]:
         """Run the vision path once: its outputs, the stacked [num_images, N, D] features, and the feature layer's
-        input and output that the semantic score needs (see `semantic_scores`)."""
-        vision_states: dict[str, torch.Tensor] = {}
-        layer = self._feature_encoder_layer()
-        hooks = []
-        if self.config.semantic == "cls_attention":
-
-            def capture_input(_module, args, kw):
-                vision_states["input"] = args[0] if args else kw["hidden_states"]
-
-            hooks.append(layer.register_forward_pre_hook(capture_input, with_kwargs=True))
-        if self.clip is not None:
-
-            def capture_output(_module, _args, output):
-                vision_states["output"] = output[0] if isinstance(output, tuple) else output
-
-            hooks.append(layer.register_forward_hook(capture_output))
-        try:
+        input and output that the semantic score needs (see `semantic_scores`), captured for this thread only."""
+        call_state.ensure_capture_hooks(self._feature_encoder_layer())
+        with call_state.capturing() as vision_states:
             outputs = get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
         return outputs, torch.stack(list(outputs.pooler_output)), vision_states
 
     def _instructions(self, input_ids, attention_mask, layout, num_images: int, num_tokens: int) -> list | None:
@@ -326,7 +344,7 @@ def pruned_forward(model, *args, **kwargs):
     original = model._qap_original["forward"]
     if len(args) == 1 and "input_ids" not in kwargs:
         kwargs["input_ids"], args = args[0], ()
-    if args or not pruner.enabled or kwargs.get("pixel_values") is None:
+    if args or not pruner.active or kwargs.get("pixel_values") is None:
         return original(*args, **kwargs)
     pixel_values = kwargs.pop("pixel_values")
     input_ids, attention_mask = kwargs.pop("input_ids", None), kwargs.pop("attention_mask", None)
@@ -352,7 +370,7 @@ def pruned_generate(model, inputs=None, **kwargs):
     pruner: TokenPruner = model.qap_pruner
     original = model._qap_original["generate"]
     input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-    if not pruner.enabled or kwargs.get("pixel_values") is None or input_ids is None:
+    if not pruner.active or kwargs.get("pixel_values") is None or input_ids is None:
         return original(inputs, **kwargs)
     kwargs.pop("input_ids", None)
     pixel_values = kwargs.pop("pixel_values")
@@ -382,7 +400,7 @@ def pruned_image_features(model, pixel_values, **kwargs):
     """`get_image_features` returning only the kept tokens of each image."""
     pruner: TokenPruner = model.qap_pruner
     original = model._qap_original["get_image_features"]
-    if not pruner.enabled:
+    if not pruner.active:
         return original(pixel_values=pixel_values, **kwargs)
     # encode always asks for the output object; honour the caller's return_dict as transformers' can_return_tuple does
     return_dict = kwargs.pop("return_dict", None)
@@ -476,16 +494,14 @@ def last_selection(model: nn.Module) -> list[ImageSelection]:
 
 @contextlib.contextmanager
 def pruning_disabled(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` on all visual tokens inside this block (a no-op for models that do not prune)."""
+    """Run ``model`` on all visual tokens inside this block, in the calling thread only (other threads keep
+    pruning; a no-op for models that do not prune)."""
     pruner = getattr(model, "qap_pruner", None)
     if pruner is None:
         yield
         return
-    previous, pruner.enabled = pruner.enabled, False
-    try:
+    with call_state.disabled(pruner.key):
         yield
-    finally:
-        pruner.enabled = previous
 
 
 def visual_tokens_per_image(config) -> int:
