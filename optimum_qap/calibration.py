@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 from tqdm.auto import tqdm
 
-from .quant.linear import QuantLinear
+from .quant.linear import QuantLinear, observing_inputs
 
 CALIBRATION_PROMPTS = (
     "Describe the image in detail.",
@@ -91,19 +91,6 @@ def model_inputs(model: nn.Module, processor, image, text: str) -> dict[str, tor
     return to_model(model, inputs)
 
 
-@contextlib.contextmanager
-def observing(modules: Iterable[QuantLinear]) -> Iterator[None]:
-    """Quantized layers record their input ranges (and skip activation quantization) inside this block."""
-    modules = list(modules)
-    for module in modules:
-        module.observing = True
-    try:
-        yield
-    finally:
-        for module in modules:
-            module.observing = False
-
-
 def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bool = True):
     """Record per-channel input ranges of every quantized layer over image + prompt ``samples``.
 
@@ -127,11 +114,10 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
     samples = list(samples)
     if not samples:
         raise ValueError("calibrate() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
-    for module in modules:
-        module.reset_observations()
     start = time.perf_counter()
     token_stats = []
-    with torch.no_grad(), observing(modules), pruning_disabled(model), recording_visual_tokens(model, token_stats):
+    recording = recording_visual_tokens(model, token_stats)
+    with torch.no_grad(), observing_inputs(modules), pruning_disabled(model), recording:
         for sample in tqdm(samples, desc="Calibrating", disable=not progress):
             model(**model_inputs(model, processor, sample["image"], sample["text"]))
     seconds = time.perf_counter() - start

@@ -62,3 +62,22 @@ def test_pruning_disabled_in_one_thread_leaves_the_others_pruning(tiny_repo):
             assert pool.submit(lambda: model.qap_pruner.active).result()
             pool.submit(lambda: model(**inputs)).result()
     assert model.qap_pruner.active and last_selection(model) == []  # the selection went to the other thread
+
+
+def test_calibration_beside_generation_changes_no_other_call(tiny_repo):
+    # static ranges: generation in other threads keeps quantizing with the ranges it had until calibration ends
+    from optimum_qap import builtin_calibration_samples, calibrate
+
+    config = QAPrunerConfig(keep_tokens=4, a_granularity="static_per_channel", calibration="builtin",
+                            num_calibration_samples=2, alpha=0.5)
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=config)
+    processor = tiny.tiny_processor()
+    work = [r for r in requests(12) if r[3] is None]
+    expected = [serve(model, processor, request) for request in work]
+    samples = builtin_calibration_samples(2)  # the same samples: the ranges it writes equal the current ones
+    with ThreadPoolExecutor(THREADS) as pool:
+        calibration = pool.submit(calibrate, model, processor, samples * 4, False)
+        got = list(pool.map(lambda request: serve(model, processor, request), work * 3))
+        calibration.result()
+    for (output, _), (want, _) in zip(got, expected * 3, strict=True):
+        assert torch.equal(output, want)

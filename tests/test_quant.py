@@ -6,6 +6,7 @@ from torch import nn
 
 from optimum_qap import QuantLinear, QuantSpec, UncalibratedError
 from optimum_qap.quant import functional as qf
+from optimum_qap.quant.linear import observing_inputs
 from optimum_qap.quant.packing import pack_codes, packed_length, unpack_codes
 
 
@@ -151,10 +152,12 @@ def test_static_granularity_without_calibration_is_an_error(granularity):
 
 def test_observe_widens_ranges_and_skips_activation_quantization():
     linear, layer = make_layer(QuantSpec(w_bits=8, w_group_size=None, a_granularity="static_per_channel"))
-    layer.observing = True
     a, b = torch.randn(3, 40), torch.randn(4, 40) * 5
-    out = layer(a)
-    layer(b)
+    with observing_inputs([layer]):
+        assert layer.observing
+        out = layer(a)
+        layer(b)
+    assert not layer.observing
     both = torch.cat([a, b])
     assert torch.equal(layer.input_min, both.amin(0)) and torch.equal(layer.input_max, both.amax(0))
     dequantized = layer.dequantized_weight()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +42,28 @@ class QuantSpec:
         return self.a_bits < 16 and self.a_granularity.startswith("static")
 
 
+# per thread: id(QuantLinear) -> (low, high) input range observed so far (None: not seen yet); None outside calibration
+_OBSERVATIONS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("qap_observations", default=None)
+
+
+@contextlib.contextmanager
+def observing_inputs(modules: Iterable[QuantLinear]) -> Iterator[None]:
+    """Inside the block, ``modules`` called from this thread record their per-channel input ranges instead of
+    quantizing their inputs. When the block completes, the ranges seen replace their calibrated ranges (NaN for a
+    layer that saw nothing); if it raises, the old ranges stay. Other threads keep quantizing with the old ranges."""
+    modules = list(modules)
+    store: dict = {id(module): None for module in modules}
+    token = _OBSERVATIONS.set(store)
+    try:
+        yield
+    finally:
+        _OBSERVATIONS.reset(token)
+    for module in modules:
+        seen = store[id(module)]
+        nan = torch.full_like(module.input_min, float("nan"))
+        module.set_input_ranges(*(seen if seen is not None else (nan, nan)))
+
+
 class UncalibratedError(RuntimeError):
     """A static activation granularity was used before its ranges were calibrated."""
 
@@ -68,7 +93,6 @@ class QuantLinear(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.spec = spec
-        self.observing = False
         self._checked_calibration = False
         self._cache_weight = False
         self._cached_weight: torch.Tensor | None = None
@@ -185,16 +209,26 @@ class QuantLinear(nn.Module):
             )
         self._checked_calibration = True
 
-    def observe(self, x: torch.Tensor) -> None:
-        """Widen the per-channel input range with the tokens of ``x``."""
-        low, high = torch.aminmax(x.detach().float().reshape(-1, self.in_features), dim=0)
-        self.input_min = torch.fmin(self.input_min, low)
-        self.input_max = torch.fmax(self.input_max, high)
-        self._checked_calibration = False
+    @property
+    def observing(self) -> bool:
+        """Whether the calling thread is recording this layer's input ranges (see `observing_inputs`)."""
+        store = _OBSERVATIONS.get()
+        return store is not None and id(self) in store
 
-    def reset_observations(self) -> None:
-        self.input_min.fill_(float("nan"))
-        self.input_max.fill_(float("nan"))
+    def observe(self, x: torch.Tensor) -> None:
+        """Widen the per-channel input range with the tokens of ``x``: the calling thread's observation inside
+        `observing_inputs`, the calibrated range itself outside it."""
+        low, high = torch.aminmax(x.detach().float().reshape(-1, self.in_features), dim=0)
+        if not self.observing:
+            self.set_input_ranges(torch.fmin(self.input_min, low), torch.fmax(self.input_max, high))
+            return
+        store = _OBSERVATIONS.get()
+        seen = store[id(self)]
+        store[id(self)] = (low, high) if seen is None else (torch.fmin(seen[0], low), torch.fmax(seen[1], high))
+
+    def set_input_ranges(self, low: torch.Tensor, high: torch.Tensor) -> None:
+        """Replace the calibrated ranges with new tensors (a concurrent forward keeps the ones it has read)."""
+        self.input_min, self.input_max = low.to(self.input_min), high.to(self.input_max)
         self._checked_calibration = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import model_inputs, observing
+from ..calibration import model_inputs
 from ..quant import functional as qf
 from ..quant.gptq import HessianAccumulator, layer_output_error, run_gptq
-from ..quant.linear import QuantLinear
+from ..quant.linear import QuantLinear, observing_inputs
 
 
 class _StopForward(Exception):
@@ -132,7 +132,7 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
         if rotated:
             attach_online_rotations(model)
         quantized = [m for m in layer.modules() if isinstance(m, QuantLinear)]
-        with observing(quantized):  # weights quantized; activation ranges are calibrated afterwards
+        with observing_inputs(quantized):  # weights quantized; activation ranges are calibrated afterwards
             inputs = [_next_inputs(_layer_output(layer(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
     seconds = time.perf_counter() - start
     reductions = [r["reduction"] for r in report.values()]
