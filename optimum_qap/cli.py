@@ -12,19 +12,18 @@ place, so a failed run leaves nothing half-written.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+from .atomic import atomic_output
 from .config import (
     ACTIVATION_BITS,
     ACTIVATION_GRANULARITIES,
@@ -176,25 +175,6 @@ def check_output(path: Path, folder: bool = False, overwrite: bool = False) -> N
         raise CliError(f"cannot write {path}: it exists and is a {'file' if folder else 'folder'}")
     if folder and path.exists() and not overwrite:
         raise CliError(f"{path} exists; pass --overwrite to replace it")
-
-
-@contextlib.contextmanager
-def atomic_output(target: Path, folder: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it to ``target`` on success, delete it on failure."""
-    temporary = target.parent / f".{target.name}.tmp-{os.getpid()}"
-    if folder:
-        temporary.mkdir()
-    try:
-        yield temporary
-        if folder and target.exists():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
-    except BaseException:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        else:
-            temporary.unlink(missing_ok=True)
-        raise
 
 
 def open_image(path: str) -> Image.Image:
