@@ -10,6 +10,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
+from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, read_headers
 from .config import QAPrunerConfig
 from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
@@ -135,13 +136,23 @@ class QAPrunerHfQuantizer(HfQuantizer):
     def get_quantize_ops(self) -> ConversionOps:
         return PrepareQuantLinear(self)
 
-    def _process_model_before_weight_loading(self, model, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         model_parts(model)  # a model we cannot handle fails before its weights load
+        config = self.quantization_config
         if not self.pre_quantized:
-            self.quantization_config.check_can_quantize()
-        if self.pre_quantized or not self.quantization_config.quantizes_after_loading:
-            replace_linears(model, self.quantization_config, awaiting_weight=not self.pre_quantized)
+            config.check_can_quantize()
+        headers = read_headers(checkpoint_files or []) if self.pre_quantized else None
+        if headers is not None:
+            check_layout(config, headers[1])
+        if self.pre_quantized or not config.quantizes_after_loading:
+            replace_linears(model, config, awaiting_weight=not self.pre_quantized)
+        if headers is not None and headers[0]:
+            check_tensors(model, headers[0])
         return model
+
+    def get_state_dict_and_metadata(self, model):
+        # the layout the tensors are saved in, so that a later edit of config.json cannot reinterpret them
+        return None, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .calibration import calibrate_from_config, config_samples
