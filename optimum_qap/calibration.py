@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
@@ -72,10 +74,13 @@ def format_prompt(processor, text: str) -> str:
 def _load_image(image) -> Image.Image:
     if isinstance(image, Image.Image):
         return image.convert("RGB")
+    if isinstance(image, (str, os.PathLike)) and not Path(image).is_file():  # a FIFO or device would block
+        reason = "not a regular file" if Path(image).exists() else "no such file"
+        raise ValueError(f"calibration image {image!r} cannot be read: {reason}")
     try:
         with Image.open(image) as opened:
             return opened.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise ValueError(f"calibration image {image!r} cannot be read: {error}") from error
 
 

@@ -178,10 +178,12 @@ def check_output(path: Path, folder: bool = False, overwrite: bool = False) -> N
 
 
 def open_image(path: str) -> Image.Image:
+    if not Path(path).is_file():  # a FIFO or device would block the read
+        raise CliError(f"cannot read image {path}: {'not a regular file' if Path(path).exists() else 'no such file'}")
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise CliError(f"cannot read image {path}: {_first_line(error)}") from error
 
 

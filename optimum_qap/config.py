@@ -40,6 +40,7 @@ AUTO = "auto"
 # authors' public range (0.3-0.7). The demo models favour alpha 1, the paper's gains on real LLaVA need weight on S^Q;
 # without samples to decide, the paper's method is the default.
 DEFAULT_ALPHA = 0.7
+MAX_CALIBRATION_SAMPLES = 4096
 
 
 class QAPrunerConfig(QuantizationConfigMixin):
@@ -229,6 +230,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
         check_str_list("modules_to_not_convert", self.modules_to_not_convert)
         check_calibration("calibration", self.calibration)
         check_positive_int("num_calibration_samples", self.num_calibration_samples)
+        if self.num_calibration_samples > MAX_CALIBRATION_SAMPLES:
+            raise invalid(
+                "num_calibration_samples",
+                self.num_calibration_samples,
+                f"at most {MAX_CALIBRATION_SAMPLES} (calibration holds every sample's inputs; 32-512 is typical)",
+            )
         if not is_real(self.outlier_ratio) or self.outlier_ratio <= 1:
             raise invalid("outlier_ratio", self.outlier_ratio, "expected a number greater than 1")
         check_bool("rotation", self.rotation)

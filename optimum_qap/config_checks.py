@@ -16,7 +16,12 @@ def is_int(value: Any) -> bool:
 
 
 def is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range, e.g. 10**400
+        return False
 
 
 def check_choice(field: str, value: Any, choices: tuple) -> None:

@@ -98,6 +98,7 @@ def test_a_missing_or_retyped_tensor_is_refused_by_name(saved, tmp_path, tensor,
 
 def test_a_reshaped_tensor_is_refused_by_name(saved, tmp_path):
     folder = copy_of(saved, tmp_path)
-    edit_tensors(folder, lambda t: t.update({f"{Q_PROJ}.weight_scale": t[f"{Q_PROJ}.weight_scale"][:, :1].contiguous()}))
+    key = f"{Q_PROJ}.weight_scale"
+    edit_tensors(folder, lambda tensors: tensors.update({key: tensors[key][:, :1].contiguous()}))
     with pytest.raises(CheckpointError, match=r"q_proj.weight_scale has shape \[64, 1\], expected \[64, 2\]"):
         LlavaForConditionalGeneration.from_pretrained(folder)

@@ -64,6 +64,8 @@ def group_quant_error(tokens: torch.Tensor, group_size: int = 128, bits: int = 4
     if group_size < 1:
         raise ValueError(f"group_size must be >= 1, got {group_size}")
     tokens = tokens.float()
+    # a group wider than the token is the whole token (zero padding changes neither absmax nor error): no blow-up
+    group_size = min(group_size, tokens.shape[-1])
     padding = -tokens.shape[-1] % group_size
     if padding:
         tokens = F.pad(tokens, (0, padding))
