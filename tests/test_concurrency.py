@@ -1,6 +1,7 @@
 """One pruning model served from several threads gives every call exactly its sequential result."""
 
 import contextlib
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -81,3 +82,33 @@ def test_calibration_beside_generation_changes_no_other_call(tiny_repo):
         calibration.result()
     for (output, _), (want, _) in zip(got, expected * 3, strict=True):
         assert torch.equal(output, want)
+
+
+def test_attach_pruner_beside_generation_changes_no_call_in_flight(tiny_repo):
+    # each call runs wholly with the settings it started with: its tokens are those of one setting or the other
+    from optimum_qap import attach_pruner
+
+    settings = [QAPrunerConfig(keep_tokens=4, alpha=alpha, w_group_size=32) for alpha in (0.0, 1.0)]
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=settings[0])
+    processor = tiny.tiny_processor()
+    work = [r for r in requests(12) if not r[2] and r[3] is None]
+    expected = []
+    for config in settings:
+        attach_pruner(model, config)
+        expected.append([serve(model, processor, request)[0] for request in work])
+    stop = []
+
+    def toggle():
+        index = 0
+        while not stop:
+            attach_pruner(model, settings[index % 2])
+            index += 1
+            time.sleep(0.002)  # let the serving threads run
+
+    with ThreadPoolExecutor(THREADS) as pool:
+        toggling = pool.submit(toggle)
+        got = list(pool.map(lambda request: serve(model, processor, request)[0], work * 3))
+        stop.append(True)
+        toggling.result()
+    for output, index in zip(got, [i for _ in range(3) for i in range(len(work))], strict=True):
+        assert torch.equal(output, expected[0][index]) or torch.equal(output, expected[1][index])

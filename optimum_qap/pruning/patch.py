@@ -320,8 +320,8 @@ def compact_inputs(
     return result.pop("input_ids"), result.pop("attention_mask"), result
 
 
-def _encode_and_compact(model, pixel_values, input_ids, attention_mask, extra, vision_kwargs):
-    pruner: TokenPruner = model.qap_pruner
+def _encode_and_compact(model, pruner: TokenPruner, pixel_values, input_ids, attention_mask, extra, vision_kwargs):
+    # ``pruner`` is the one the call started with: a concurrent attach_pruner does not change a call in flight
     if input_ids is None:
         raise ValueError("QAPruner token pruning needs input_ids to locate the image placeholders.")
     # read before the vision tower is queued: afterwards nothing waits on the device until the language model runs
@@ -352,7 +352,7 @@ def pruned_forward(model, *args, **kwargs):
     extra = {"labels": kwargs.pop("labels", None)}
     vision_kwargs = {k: kwargs[k] for k in _VISION_KWARGS if kwargs.get(k) is not None}
     outputs, input_ids, attention_mask, extra = _encode_and_compact(
-        model, pixel_values, input_ids, attention_mask, extra, vision_kwargs
+        model, pruner, pixel_values, input_ids, attention_mask, extra, vision_kwargs
     )
     if had_positions:
         # positions stay contiguous over the shorter sequence, as when LLaVA is fed fewer image tokens
@@ -377,7 +377,7 @@ def pruned_generate(model, inputs=None, **kwargs):
     attention_mask = kwargs.pop("attention_mask", None)
     vision_kwargs = {k: kwargs.pop(k) for k in _VISION_KWARGS if kwargs.get(k) is not None}
     outputs, compact_ids, compact_mask, _ = _encode_and_compact(
-        model, pixel_values, input_ids, attention_mask, {}, vision_kwargs
+        model, pruner, pixel_values, input_ids, attention_mask, {}, vision_kwargs
     )
     result = original(
         input_ids=compact_ids, attention_mask=compact_mask, mm_encoder_outputs={"image": outputs}, **kwargs
