@@ -2,6 +2,7 @@ import importlib
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AutoQuantizationConfig
@@ -92,3 +93,70 @@ def test_from_dict_on_random_junk_gives_valid_config_or_value_error(data):
     except ValueError:
         return
     assert QAPrunerConfig.from_dict(config.to_dict()) == config
+
+
+CANDIDATES = {
+    "w_bits": [2, 3, 4, 8, 16, 5, "4", True],
+    "w_group_size": [None, 16, 32, 33, 0, 10**400],
+    "w_symmetric": [True, False, 1],
+    "a_bits": [2, 4, 8, 16, 1],
+    "a_granularity": ["per_token", "per_group", "static_per_channel", "static_per_tensor", "dynamic"],
+    "a_group_size": [16, 7, 0],
+    "a_symmetric": [True, False],
+    "quantize_projector": [True, False],
+    "quantize_vision_tower": [True, False],
+    "modules_to_not_convert": [None, ["down_proj"], [""], "down_proj"],
+    "calibration": [None, "builtin", "everything"],
+    "num_calibration_samples": [1, 2, 0, 10**8],
+    "outlier_ratio": [20.0, 1.0, 10**400],
+    "rotation": [True, False, "yes"],
+    "rotation_seed": [0, 3, -1],
+    "weight_method": [None, "rtn", "gptq", "awq"],
+    "gptq_damping": [0.01, 0.1, 0, 2],
+    "gptq_act_order": [True, False],
+    "gptq_block_size": [1, 16, 0],
+    "keep_ratio": [1.0, 0.5, 0.125, 0, 10**400, float("nan")],
+    "keep_tokens": [None, 1, 4, 16, 17, 0],
+    "alpha": [None, 0.0, 0.5, 1.0, "auto", 2],
+    "alpha_grid": [None, [0.5], [], [2]],
+    "fusion": ["weighted", "outlier_slots", "best"],
+    "outlier_slots": ["auto", 0, 2, 5, -1],
+    "slot_grid": [None, [0, 1], [], [-1]],
+    "auto_max_samples": [1, 2, 0],
+    "auto_criterion": ["kl", "answer", "loss"],
+    "semantic": ["cls_attention", "cdpruner", "clip"],
+    "selection": ["topk", "dpp", "greedy"],
+    "error_weight": [0.5, 0.0, 1.0, -1],
+    "range_weight": [0.5, 0.0, 2],
+    "sensitivity_group_size": [128, 7, 10**9, 0],
+    "sensitivity_bits": [None, 2, 4, 8, 16],
+    "sensitivity_space": ["projector", "quantizer", "input"],
+}
+
+
+FEW_FIELDS = st.lists(st.sampled_from(sorted(CANDIDATES)), max_size=4, unique=True).flatmap(
+    lambda names: st.fixed_dictionaries({name: st.sampled_from(CANDIDATES[name]) for name in names})
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(FEW_FIELDS)
+def test_any_field_values_give_a_value_error_or_a_model_that_round_trips_and_runs(tiny_repo, fields):
+    import tiny
+    from transformers import LlavaForConditionalGeneration
+
+    from optimum_qap import UncalibratedError
+
+    try:
+        config = QAPrunerConfig(**fields)
+    except ValueError:
+        return
+    assert QAPrunerConfig.from_dict(config.to_dict()) == config
+    inputs = tiny.tiny_processor()(images=tiny.noise_image(0), text="USER: <image>\nwhat is in the image ?",
+                                   return_tensors="pt")
+    try:
+        model = LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=config)
+        logits = model(**inputs).logits
+    except (ValueError, UncalibratedError):  # errors that name the field or the fix
+        return
+    assert torch.isfinite(logits).all()
