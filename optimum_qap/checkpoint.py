@@ -15,7 +15,7 @@ import json
 from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .quant.linear import QuantLinear
@@ -45,11 +45,14 @@ def read_headers(files: Iterable[str]) -> tuple[dict[str, tuple[torch.dtype | st
     for file in files:
         if not str(file).endswith(".safetensors"):
             continue
-        with safe_open(file, "pt") as handle:
-            metadata.append(handle.metadata() or {})
-            for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                info = handle.get_slice(key)
-                tensors[key] = (_DTYPES.get(info.get_dtype(), info.get_dtype()), tuple(info.get_shape()))
+        try:
+            with safe_open(file, "pt") as handle:
+                metadata.append(handle.metadata() or {})
+                for key in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    info = handle.get_slice(key)
+                    tensors[key] = (_DTYPES.get(info.get_dtype(), info.get_dtype()), tuple(info.get_shape()))
+        except (OSError, SafetensorError) as error:
+            raise CheckpointError(f"{file} cannot be read ({error}): truncated, or not a safetensors file?") from error
     return tensors, metadata
 
 

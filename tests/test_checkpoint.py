@@ -102,3 +102,11 @@ def test_a_reshaped_tensor_is_refused_by_name(saved, tmp_path):
     edit_tensors(folder, lambda tensors: tensors.update({key: tensors[key][:, :1].contiguous()}))
     with pytest.raises(CheckpointError, match=r"q_proj.weight_scale has shape \[64, 1\], expected \[64, 2\]"):
         LlavaForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_truncated_file_is_refused(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read .*truncated"):
+        LlavaForConditionalGeneration.from_pretrained(folder)
