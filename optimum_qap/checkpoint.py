@@ -96,9 +96,11 @@ def model_keys(model: nn.Module, tensors: dict[str, tuple]) -> dict[str, tuple]:
 
 
 def check_tensors(model: nn.Module, tensors: dict[str, tuple]) -> None:
-    """Every serialized tensor of every `QuantLinear` is in the checkpoint, with an allowed dtype and its shape."""
+    """Every tensor of the model is in the checkpoint (a missing one would be left uninitialised), and every
+    `QuantLinear` tensor has an allowed dtype and its shape."""
     tensors = model_keys(model, tensors)
-    problems = []
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets of tied weights are not saved
+    problems = [f"{key} is missing" for key in model.state_dict() if key not in tensors and key not in tied]
     for prefix, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
@@ -106,8 +108,8 @@ def check_tensors(model: nn.Module, tensors: dict[str, tuple]) -> None:
             key = f"{prefix}.{name}"
             found = tensors.get(key)
             if found is None:
-                problems.append(f"{key} is missing")
-            elif found[0] not in dtypes:
+                continue  # reported above
+            if found[0] not in dtypes:
                 problems.append(f"{key} is {found[0]}, expected {' or '.join(map(str, dtypes))}")
             elif found[1] != shape:
                 problems.append(f"{key} has shape {list(found[1])}, expected {list(shape)}")

@@ -110,3 +110,10 @@ def test_a_truncated_file_is_refused(saved, tmp_path):
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointError, match=r"model.safetensors cannot be read .*truncated"):
         LlavaForConditionalGeneration.from_pretrained(folder)
+
+
+def test_a_missing_full_precision_tensor_is_refused_too(saved, tmp_path):
+    folder = copy_of(saved, tmp_path)
+    edit_tensors(folder, lambda tensors: tensors.pop("language_model.lm_head.weight"))
+    with pytest.raises(CheckpointError, match="lm_head.weight is missing"):
+        LlavaForConditionalGeneration.from_pretrained(folder)
