@@ -6,7 +6,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	# the CPU wheel that lies on this kind of machine; an unpinned torch would pull a multi-GB CUDA build
 	$(VENV)/bin/pip install -q torch==2.13.0
-	$(VENV)/bin/pip install -q -e ".[test,gptq-reference]"  # gptqmodel: the GPTQ reference tests/test_gptq.py compares with
+	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $@
 
 .PHONY: demo test
