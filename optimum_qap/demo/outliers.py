@@ -96,17 +96,11 @@ def linear_input_absmax(model: nn.Module, inputs: Sequence[dict]) -> dict[str, t
 
         return record
 
-    handles = [
+    _run_with_hooks(model, inputs, [
         module.register_forward_pre_hook(hook(name))
         for name, module in _layers(model).named_modules()
         if isinstance(module, nn.Linear)
-    ]
-    try:
-        for sample in inputs:
-            model(**sample)
-    finally:
-        for handle in handles:
-            handle.remove()
+    ])
     return absmax
 
 
@@ -120,14 +114,18 @@ def normalised_stream(model: nn.Module, inputs: Sequence[dict]) -> torch.Tensor:
         x = args[0].detach().double().flatten(0, -2)
         store.append(x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon))
 
-    handles = [norm.register_forward_pre_hook(record) for norm in norms]
+    _run_with_hooks(model, inputs, [norm.register_forward_pre_hook(record) for norm in norms])
+    return torch.cat(store)
+
+
+def _run_with_hooks(model: nn.Module, inputs: Sequence[dict], handles: list) -> None:
+    """Run ``model`` on every input, then remove the hook ``handles`` (also when a forward raises)."""
     try:
         for sample in inputs:
             model(**sample)
     finally:
         for handle in handles:
             handle.remove()
-    return torch.cat(store)
 
 
 def ratio_summary(absmax: torch.Tensor, channels: Sequence[int] | None = None, threshold: float = 20.0) -> dict:

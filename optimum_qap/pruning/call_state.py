@@ -46,6 +46,19 @@ def set_override(key: int, name: str, value) -> None:
     _OVERRIDES.set(overrides)
 
 
+class PerThreadOverride:
+    """A pruner attribute whose value (default None) belongs to the calling thread, for the pruner's model."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, pruner, owner=None):
+        return self if pruner is None else override(pruner.key, self.name)
+
+    def __set__(self, pruner, value) -> None:
+        set_override(pruner.key, self.name, value)
+
+
 @contextlib.contextmanager
 def capturing() -> Iterator[dict]:
     """Collect what the capture hooks see during this thread's vision forward."""

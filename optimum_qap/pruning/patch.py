@@ -142,21 +142,8 @@ class TokenPruner:
         self._local.last = selections
 
     # set while "auto" values are being chosen (optimum_qap.select_fusion); per thread
-    @property
-    def alpha_override(self) -> float | None:
-        return call_state.override(self.key, "alpha")
-
-    @alpha_override.setter
-    def alpha_override(self, value: float | None) -> None:
-        call_state.set_override(self.key, "alpha", value)
-
-    @property
-    def slots_override(self) -> int | None:
-        return call_state.override(self.key, "outlier_slots")
-
-    @slots_override.setter
-    def slots_override(self, value: int | None) -> None:
-        call_state.set_override(self.key, "outlier_slots", value)
+    alpha_override = call_state.PerThreadOverride("alpha")
+    slots_override = call_state.PerThreadOverride("outlier_slots")
 
     def budget(self, num_tokens: int) -> int:
         return resolve_budget(num_tokens, self.config.keep_ratio, self.config.keep_tokens)
