@@ -171,17 +171,17 @@ class TokenPruner:
             )
         return chosen
 
-    def outlier_strength(self, features: torch.Tensor) -> torch.Tensor:
-        """Each token's range and group-quantization error over their calibrated medians (the larger of the two)."""
+    def outlier_strength(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Each token's range and group-quantization error over their calibrated medians (the larger of the two);
+        ``tokens`` as `sensitivity_tokens` gives them (the space the statistics were calibrated in)."""
         stats = self.config.token_statistics
         if not stats:
             raise ValueError(
                 'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: run optimum_qap.calibrate.'
             )
         cfg = self.config
-        features = sensitivity_tokens(self.base, cfg, features)
-        error = group_quant_error(features, cfg.sensitivity_group_size, cfg.scoring_bits)
-        return torch.maximum(channel_range(features) / stats["range_median"], error / max(stats["error_median"], 1e-12))
+        error = group_quant_error(tokens, cfg.sensitivity_group_size, cfg.scoring_bits)
+        return torch.maximum(channel_range(tokens) / stats["range_median"], error / max(stats["error_median"], 1e-12))
 
     def semantic_scores(self, features: torch.Tensor, vision_states: dict, instructions: list) -> torch.Tensor:
         """S^P of each image's N tokens, `[num_images, N]`.
@@ -212,8 +212,9 @@ class TokenPruner:
         """Score [num_images, N, D] projector outputs and choose K tokens per image (see `semantic_scores`)."""
         cfg = self.config
         semantic = self.semantic_scores(features, vision_states, instructions)
+        tokens = sensitivity_tokens(self.base, cfg, features)  # what S^Q looks at (one un-rotation for both uses)
         sens = quantization_sensitivity(
-            sensitivity_tokens(self.base, cfg, features),
+            tokens,
             cfg.sensitivity_group_size,
             cfg.scoring_bits,
             cfg.error_weight,
@@ -221,7 +222,7 @@ class TokenPruner:
         )
         slots = cfg.fusion == "outlier_slots"
         fused = semantic if slots else fuse_scores(semantic, sens.sensitivity, self.alpha)
-        strength = self.outlier_strength(features) if slots else None
+        strength = self.outlier_strength(tokens) if slots else None
         k = self.budget(features.shape[1])
         if slots and self.slots > k:
             raise ValueError(f"QAPrunerConfig.outlier_slots={self.slots} exceeds the {k} kept tokens per image.")
