@@ -75,7 +75,12 @@ def alpha(text: str) -> float:
 
 
 def alpha_or_auto(text: str) -> float | str:
-    return "auto" if text == "auto" else alpha(text)
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return alpha(text)
+    except argparse.ArgumentTypeError as error:
+        raise argparse.ArgumentTypeError(f"{error} (or auto)") from error
 
 
 def positive_int(text: str) -> int:
@@ -397,8 +402,18 @@ def _quant_options(parser: argparse.ArgumentParser) -> None:
     _model_options(parser)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("optimum-qap")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="optimum-qap", description="QAPruner: W4A4 LLaVA with quantization-aware token pruning.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,eval,visualize}")
     model_help = "local folder or Hub id of a LLaVA model (default: the shipped demo model)"
 

@@ -220,3 +220,14 @@ def test_failed_save_leaves_nothing_behind(tiny_repo, tmp_path, monkeypatch, cap
     assert main(["compress", tiny_repo, "--output", str(tmp_path / "out")]) == 2
     assert error_line(capsys) == "optimum-qap: error: No space left on device"
     assert entries(tmp_path) == []
+
+
+def test_version_and_auto_in_any_case(capsys):
+    from optimum_qap.cli import alpha_or_auto
+
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--version"])
+    assert exit_code.value.code == 0 and capsys.readouterr().out.strip() == f"optimum-qap {optimum_qap.__version__}"
+    assert alpha_or_auto("Auto") == alpha_or_auto(" AUTO ") == "auto" and alpha_or_auto("0.5") == 0.5
+    assert main(["eval", "--alphas", "0.7,x"]) == 2
+    assert "(or auto)" in capsys.readouterr().err
