@@ -72,16 +72,12 @@ def _quantize_layer(layer: nn.Module, linears: dict[str, nn.Linear], inputs: lis
     for name, linear in linears.items():
         hessian = accumulators.pop(name).hessian
         weight = linear.weight.detach()
-        found = run_gptq(weight, hessian, config.w_bits, _group_size(config, linear), config.w_symmetric,
+        # a group size >= in_features means one group per row, in run_gptq and quantize_weight alike
+        found = run_gptq(weight, hessian, config.w_bits, config.w_group_size, config.w_symmetric,
                          config.gptq_damping, config.gptq_act_order, config.gptq_block_size)
         codes[name] = found.codes
-        report[name] = _error_reduction(weight, found.dequantized, hessian, config, linear)
+        report[name] = _error_reduction(weight, found.dequantized, hessian, config)
     return codes, report
-
-
-def _group_size(config, linear: nn.Linear) -> int | None:
-    size = config.w_group_size
-    return None if size is None or size >= linear.in_features else size
 
 
 # output rows the error report is computed on: tr(ΔW H ΔWᵀ) costs out x in² (as much as GPTQ itself), so it is
@@ -89,11 +85,11 @@ def _group_size(config, linear: nn.Linear) -> int | None:
 REPORT_ROWS = 256
 
 
-def _error_reduction(weight: torch.Tensor, gptq: torch.Tensor, hessian: torch.Tensor, config, linear) -> dict:
+def _error_reduction(weight: torch.Tensor, gptq: torch.Tensor, hessian: torch.Tensor, config) -> dict:
     """Output error tr(ΔW H ΔWᵀ) of GPTQ's and of round-to-nearest weights, and the share GPTQ removes."""
     rows = slice(0, weight.shape[0], max(1, weight.shape[0] // REPORT_ROWS))
     weight, gptq = weight[rows], gptq[rows]
-    group_size = _group_size(config, linear)
+    group_size = config.w_group_size
     rtn = qf.quantize_weight(weight, config.w_bits, group_size, config.w_symmetric)
     rtn = qf.dequantize_weight(rtn.codes, rtn.scale, rtn.zero, config.w_bits, group_size, torch.float32)
     rtn_error = layer_output_error(weight, rtn, hessian)
@@ -112,7 +108,7 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
     over `REPORT_ROWS` evenly spaced output rows) in ``config.calibration_summary["gptq"]``.
     """
     from ..quantizer import linear_names_to_quantize, quantize_linears
-    from ..transforms.rotation import ONLINE_HOOK, attach_online_rotations
+    from ..transforms.rotation import attach_online_rotations
 
     start = time.perf_counter()
     selected = set(linear_names_to_quantize(model, config))
@@ -126,11 +122,10 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
                    if isinstance(m, nn.Linear) and layer_prefix + n in selected}
         codes, errors = _quantize_layer(layer, linears, inputs, config)
         report.update(errors)
-        rotated = any(getattr(m, ONLINE_HOOK, None) is not None for m in linears.values())
         quantize_linears(model, config, codes, names=list(linears))
         del codes, linears  # the float weights of this layer go with them
-        if rotated:
-            attach_online_rotations(model)
+        if config.rotation:
+            attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
         quantized = [m for m in layer.modules() if isinstance(m, QuantLinear)]
         with observing_inputs(quantized):  # weights quantized; activation ranges are calibrated afterwards
             inputs = [_next_inputs(_layer_output(layer(*args, **kwargs)), args, kwargs) for args, kwargs in inputs]
