@@ -8,18 +8,10 @@ rotation (the paper's features, whatever the backbone) and "quantizer" applies t
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
 from ..transforms.hadamard import KroneckerRotation
-
-
-@functools.lru_cache(maxsize=8)
-def residual_rotation(hidden_size: int, seed: int) -> KroneckerRotation:
-    """The residual-stream rotation `rotate_language_model` applied (rebuilt from the size and the seed)."""
-    return KroneckerRotation.hadamard(hidden_size, seed)
 
 
 def is_rotated(llava_model: nn.Module) -> bool:
@@ -36,5 +28,6 @@ def sensitivity_tokens(llava_model: nn.Module, config, features: torch.Tensor) -
         return llava_model.language_model.layers[0].input_layernorm(features)
     if config.rotation and is_rotated(llava_model):
         # in float32, as the scores are computed: also faster than a bf16 matmul on CPUs without bf16 units
-        return residual_rotation(features.shape[-1], config.rotation_seed).apply(features.float(), transpose=True)
+        rotation = KroneckerRotation.hadamard(features.shape[-1], config.rotation_seed)  # the one rotation.py applied
+        return rotation.apply(features.float(), transpose=True)
     return features

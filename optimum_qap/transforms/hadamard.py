@@ -11,6 +11,7 @@ such as 172 = 4 x 43; both are orthogonal and incoherent, the DCT needs no table
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -69,7 +70,9 @@ class KroneckerRotation:
     def size(self) -> int:
         return math.prod(self.sizes)
 
+    # instances are shared (lru_cache): one per size and seed, so every layer reuses the same device matrices
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def hadamard(cls, n: int, seed: int | None = None) -> KroneckerRotation:
         """Hadamard-like rotation of size n; with a seed, randomized by ±1 signs drawn from it (CPU generator)."""
         factors = tuple(orthogonal_factors(n)) or (torch.ones(1, 1, dtype=torch.float64),)
@@ -80,6 +83,7 @@ class KroneckerRotation:
         return cls(tuple(f.shape[0] for f in factors), factors, signs)
 
     @classmethod
+    @functools.lru_cache(maxsize=64)
     def blockwise(cls, blocks: int, block_size: int, across: bool) -> KroneckerRotation:
         """``across``: H_blocks ⊗ I (mixes blocks, e.g. heads); else I ⊗ H_block_size (within every block)."""
         inner = cls.hadamard(blocks if across else block_size)
