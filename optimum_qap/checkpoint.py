@@ -81,16 +81,16 @@ def expected_tensors(module: QuantLinear) -> dict[str, tuple[tuple[torch.dtype, 
     return {name: (allowed.get(name, FLOAT_DTYPES), tuple(getattr(module, name).shape)) for name in names}
 
 
-def model_keys(model: nn.Module, tensors: dict[str, tuple]) -> dict[str, tuple]:
+def model_keys(model: nn.Module, tensors: dict[str, tuple], names: dict) -> dict[str, tuple]:
     """The checkpoint's tensors under the model's own names, renamed as `from_pretrained` renames them (LLaVA
-    checkpoints say ``language_model.model.layers...`` for the module ``model.language_model.layers...``)."""
+    checkpoints say ``language_model.model.layers...`` for the module ``model.language_model.layers...``);
+    ``names``: the model's state-dict keys."""
     from transformers.conversion_mapping import get_model_conversion_mapping
     from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    names = dict.fromkeys(model.state_dict())
     prefix = getattr(model, "base_model_prefix", None)
     return {rename_source_key(key, renamings, converters, prefix, names)[0]: info for key, info in tensors.items()}
 
@@ -98,9 +98,10 @@ def model_keys(model: nn.Module, tensors: dict[str, tuple]) -> dict[str, tuple]:
 def check_tensors(model: nn.Module, tensors: dict[str, tuple]) -> None:
     """Every tensor of the model is in the checkpoint (a missing one would be left uninitialised), and every
     `QuantLinear` tensor has an allowed dtype and its shape."""
-    tensors = model_keys(model, tensors)
+    names = dict.fromkeys(model.state_dict())
+    tensors = model_keys(model, tensors, names)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})  # targets of tied weights are not saved
-    problems = [f"{key} is missing" for key in model.state_dict() if key not in tensors and key not in tied]
+    problems = [f"{key} is missing" for key in names if key not in tensors and key not in tied]
     for prefix, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
