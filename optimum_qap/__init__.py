@@ -17,7 +17,13 @@ from .pruning import (
     select_fusion,
 )
 from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
-from .quantizer import QAPrunerHfQuantizer, cache_dequantized_weights, quantized_modules, weight_storage_bytes
+from .quantizer import (
+    QAPrunerHfQuantizer,
+    cache_dequantized_weights,
+    quantized_modules,
+    set_kernels,
+    weight_storage_bytes,
+)
 
 
 def _register() -> None:
@@ -47,6 +53,7 @@ __all__ = [
     "QuantSpec",
     "UncalibratedError",
     "quantized_modules",
+    "set_kernels",
     "weight_storage_bytes",
 ]
 __version__ = "0.1.0"

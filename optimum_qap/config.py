@@ -19,6 +19,7 @@ from .config_checks import (
     is_json_object,
     is_real,
 )
+from .quant.kernels import KERNEL_MODES
 
 QUANT_METHOD = "qap"
 # Bump when the on-disk layout of quantized modules changes; loading a newer version is refused.
@@ -77,6 +78,10 @@ class QAPrunerConfig(QuantizationConfigMixin):
         gptq_damping: GPTQ damping, as a fraction of the mean Hessian diagonal.
         gptq_act_order: GPTQ quantizes columns in order of decreasing Hessian diagonal (groups stay contiguous).
         gptq_block_size: columns per GPTQ lazy-update block.
+        kernels: "auto" runs each call on the fastest exact path for its layout, device and token count (fused
+            int4 weight-only kernels for decode, an int8 integer GEMM for per-channel layouts); "simulated" always
+            dequantizes the weight and fake-quantizes the input (the reference). A runtime choice, not saved in
+            the tensors; `optimum_qap.set_kernels(model, mode)` switches a loaded model.
 
     Pruning:
         keep_ratio: share of visual tokens that reach the language model (1.0 disables pruning).
@@ -140,6 +145,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         gptq_damping: float = 0.01,
         gptq_act_order: bool = True,
         gptq_block_size: int = 128,
+        kernels: str = "auto",
         keep_ratio: float = 0.125,
         keep_tokens: int | None = None,
         alpha: float | str | None = None,
@@ -184,6 +190,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.gptq_damping = gptq_damping
         self.gptq_act_order = gptq_act_order
         self.gptq_block_size = gptq_block_size
+        self.kernels = kernels
         self.keep_ratio = keep_ratio
         self.keep_tokens = keep_tokens
         self.alpha = (AUTO if calibration is not None else DEFAULT_ALPHA) if alpha is None else alpha
@@ -246,6 +253,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
             raise invalid("gptq_damping", self.gptq_damping, "expected a number in (0, 1]")
         check_bool("gptq_act_order", self.gptq_act_order)
         check_positive_int("gptq_block_size", self.gptq_block_size)
+        check_choice("kernels", self.kernels, KERNEL_MODES)
         check_unit_interval("keep_ratio", self.keep_ratio, low_open=True)
         check_positive_int("keep_tokens", self.keep_tokens, optional=True)
         if self.alpha != AUTO:

@@ -13,6 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, read_headers
 from .config import QAPrunerConfig
 from .pruning.patch import attach_pruner
+from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_language_model
 
@@ -172,6 +173,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
             attach_pruner(model, config)
         if calibrating:
             calibrate_from_config(model, processor, samples)
+        set_kernels(model, config.kernels)
         return model
 
     def is_serializable(self) -> bool:
@@ -207,11 +209,25 @@ def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:
         module.cache_dequantized_weight(enabled)
 
 
+def set_kernels(model: nn.Module, mode: str) -> None:
+    """Run every `QuantLinear` of ``model`` on its fastest exact path ("auto") or on the simulated reference
+    ("simulated"); the config's ``kernels`` field records the choice, so it survives save and reload."""
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernels={mode!r} is not one of {KERNEL_MODES}")
+    for module in quantized_modules(model).values():
+        module.kernels = mode
+    config = getattr(getattr(model, "config", None), "quantization_config", None)
+    if isinstance(config, QAPrunerConfig):
+        config.kernels = mode
+
+
 def weight_storage_bytes(model: nn.Module) -> dict[str, int]:
-    """Bytes held by quantized weights and by all other parameters and buffers of ``model``."""
+    """Bytes held by quantized weights (their saved form), by the kernel-format copies repacked from them at first
+    use, and by all other parameters and buffers of ``model``."""
     quantized = quantized_modules(model)
     quantized_tensors = {id(t) for m in quantized.values() for t in (*m.parameters(), *m.buffers())}
     tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
     rest = sum(t.numel() * t.element_size() for i, t in tensors.items() if i not in quantized_tensors)
-    return {"quantized_weights": sum(m.weight_storage_bytes() for m in quantized.values()), "other": rest}
+    return {"quantized_weights": sum(m.weight_storage_bytes() for m in quantized.values()),
+            "kernel_tensors": sum(m.kernel_tensor_bytes() for m in quantized.values()), "other": rest}
 

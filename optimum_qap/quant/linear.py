@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from . import functional as qf
+from . import kernels
 from .packing import pack_codes, packed_length, unpack_codes
 
 # elements quantized at once: bounds the float32 temporaries (~64 MB each) whatever the layer size
@@ -96,6 +97,9 @@ class QuantLinear(nn.Module):
         self._checked_calibration = False
         self._cache_weight = False
         self._cached_weight: torch.Tensor | None = None
+        self.kernels = "auto"
+        # (path, device, dtype) -> (fingerprint of the saved buffers it was derived from, kernel-format tensors)
+        self._kernel_cache: dict[tuple, tuple] = {}
         if spec.packs_weight:
             groups = self.num_weight_groups
             codes_shape = (out_features, packed_length(in_features, spec.w_bits))
@@ -231,17 +235,74 @@ class QuantLinear(nn.Module):
         self.input_min, self.input_max = low.to(self.input_min), high.to(self.input_max)
         self._checked_calibration = False
 
+    def matmul_path(self, x: torch.Tensor) -> str:
+        """The path a call with input ``x`` takes: "int4_weight_only", "int8_gemm" or "simulated" (dequantize the
+        weight, fake-quantize the input, dense matmul). See `optimum_qap.quant.kernels`."""
+        spec = self.spec
+        if (self.kernels == "simulated" or not spec.packs_weight or self._cache_weight
+                or (x.requires_grad and torch.is_grad_enabled())):
+            return "simulated"
+        device = x.device.type
+        tokens = x.numel() // self.in_features
+        if (tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")) and self.weight_group_size is None
+                and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_granularity,
+                                                spec.a_symmetric)):
+            return "int8_gemm"
+        if (tokens <= kernels.INT4_MAX_TOKENS.get(device, 0) and spec.w_bits == 4
+                and kernels.int4_kernel_group_size(self.in_features, self.weight_group_size, self.out_features)):
+            return "int4_weight_only"
+        return "simulated"
+
+    def _kernel_tensors(self, path: str, device: torch.device, dtype: torch.dtype) -> tuple:
+        """Kernel-format weight tensors for ``path``, repacked from the saved buffers once per device and dtype
+        (and again whenever those buffers change)."""
+        sources = (self.weight_packed, self.weight_scale, getattr(self, "weight_zero", self.weight_scale))
+        key = (path, device, dtype)
+        entry = self._kernel_cache.get(key)
+        if torch.compiler.is_compiling() and entry is not None:
+            return entry[1]
+        # inference tensors keep no version counter (and cannot be written outside inference mode)
+        fingerprint = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in sources)
+        if entry is None or entry[0] != fingerprint:
+            entry = (fingerprint, self._repack(path, dtype))
+            # a layer moved to another device drops the old device's tensors
+            self._kernel_cache = {k: v for k, v in self._kernel_cache.items() if k[1] == device} | {key: entry}
+        return entry[1]
+
+    def _repack(self, path: str, dtype: torch.dtype) -> tuple:
+        codes = unpack_codes(self.weight_packed, self.spec.w_bits, self.in_features)
+        zero = self.weight_zero if not self.spec.w_symmetric else None
+        if path == "int8_gemm":
+            return kernels.centered_weight_codes(codes, zero, self.spec.w_bits), self.weight_scale.reshape(-1)
+        group = kernels.int4_kernel_group_size(self.in_features, self.weight_group_size, self.out_features)
+        repeat = self.in_features // group if self.weight_group_size is None else 1
+        table = kernels.int4_scale_and_zero(self.weight_scale, zero, self.spec.w_bits, repeat, dtype)
+        return kernels.pack_int4_for_kernel(codes), group, table
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x)
+            return nn.functional.linear(x, self._weight_for_matmul(x.dtype), self.bias)
+        path = self.matmul_path(x)
+        if path == "int8_gemm":
+            weight_codes, weight_scale = self._kernel_tensors(path, x.device, x.dtype)
+            out = kernels.int8_gemm(x, weight_codes, weight_scale, self.spec.a_bits, self.spec.a_symmetric)
+        elif path == "int4_weight_only":
+            packed, group, table = self._kernel_tensors(path, x.device, x.dtype)
+            out = kernels.int4_weight_only_matmul(self.quantize_input(x), packed, group, table)
         else:
-            x = self.quantize_input(x)
-        return nn.functional.linear(x, self._weight_for_matmul(x.dtype), self.bias)
+            return nn.functional.linear(self.quantize_input(x), self._weight_for_matmul(x.dtype), self.bias)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def weight_storage_bytes(self) -> int:
         """Bytes held for the weight: packed codes, scales and zero points (or the float weight)."""
         names = ("weight_packed", "weight_scale", "weight_zero") if self.spec.packs_weight else ("weight",)
         return sum(t.numel() * t.element_size() for n in names if (t := getattr(self, n, None)) is not None)
+
+    def kernel_tensor_bytes(self) -> int:
+        """Bytes held by kernel-format weight copies (repacked at first use of a fast path; never saved)."""
+        return sum(t.numel() * t.element_size() for _, tensors in self._kernel_cache.values()
+                   for t in tensors if isinstance(t, torch.Tensor))
 
     def extra_repr(self) -> str:
         s = self.spec

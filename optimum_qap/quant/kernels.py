@@ -1,0 +1,97 @@
+"""Fast matmul paths for `QuantLinear`, each numerically tied to the simulated W4A4 reference.
+
+- ``int4_weight_only``: PyTorch's fused int4 weight-only kernels (tinygemm on CUDA, its CPU port), fed the
+  fake-quantized input. They read the packed weight directly, so weight-bound calls (decode) move a quarter of
+  the bf16 bytes. The kernels dequantize as ``(q - 8) * scale + zero_float``; our integer zero point ``z`` maps
+  to ``zero_float = (8 - z) * scale``, exact in float32 and rounded once to the activation dtype otherwise.
+- ``int8_gemm``: a true integer GEMM (`torch._int_mm`, int8 tensor cores / AMX / VNNI) for per-channel weights
+  with dynamic per-token activations. Integer accumulation is exact; only the final scaling rounds.
+
+Kernel-format tensors are derived from the saved buffers at first use on a device (a one-time repack) and
+never saved, so the on-disk format does not depend on the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import functional as qf
+
+KERNEL_MODES = ("auto", "simulated")
+INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
+# Tokens per call from which the integer GEMM serves per-channel layouts (`torch._int_mm` on CUDA needs more
+# than 16 rows), and up to which the int4 weight-only kernel beats dequantize + dense matmul; its cost grows
+# linearly with the tokens. CPU values are measured (benchmarks/linear.py, docs/performance.md); the CUDA ones
+# are not yet (docs/performance-cuda.md).
+INT8_MIN_TOKENS = {"cpu": 17, "cuda": 17}
+INT4_MAX_TOKENS = {"cpu": 64, "cuda": 16}
+
+
+def int4_kernel_group_size(in_features: int, group_size: int | None, out_features: int) -> int | None:
+    """Group size the int4 kernels can run this layer with (per-channel scales are repeated per group), or None."""
+    if out_features % 16:
+        return None
+    if group_size is not None:
+        return group_size if group_size in INT4_KERNEL_GROUP_SIZES and in_features % group_size == 0 else None
+    return next((size for size in INT4_KERNEL_GROUP_SIZES if in_features % size == 0), None)
+
+
+def int4_scale_and_zero(
+    scale: torch.Tensor, zero: torch.Tensor | None, bits: int, repeat: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """The kernels' [groups, out, 2] (scale, float zero) table from per-group ``scale`` and integer ``zero``.
+
+    Codes are unsigned; a symmetric layer's implicit zero point is ``2**(bits-1)`` = 8, which gives zero 0.
+    """
+    scale = scale.float()
+    center = zero.float() if zero is not None else torch.full_like(scale, 2 ** (bits - 1))
+    table = torch.stack((scale, (8 - center) * scale), dim=-1).repeat_interleave(repeat, dim=1)
+    return table.transpose(0, 1).contiguous().to(dtype)
+
+
+def pack_int4_for_kernel(codes: torch.Tensor) -> torch.Tensor:
+    """Repack unsigned 4-bit codes [out, in] into the layout of the int4 kernel of ``codes.device``."""
+    if codes.device.type == "cuda":
+        # tinygemm takes bytes holding (even k) << 4 | (odd k), then tiles them
+        pairs = codes.unflatten(-1, (-1, 2))
+        nibbles = (pairs[..., 0] << 4 | pairs[..., 1]).contiguous()
+        inner_k_tiles = next(t for t in (8, 4, 2) if codes.shape[-1] % (t * 16) == 0)
+        return torch.ops.aten._convert_weight_to_int4pack(nibbles, inner_k_tiles)
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+
+
+def int4_weight_only_matmul(
+    x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor
+) -> torch.Tensor:
+    """``x [..., in] @ W.T`` with the kernel-packed int4 weight; ``x`` is already (fake-)quantized."""
+    rows = x.reshape(-1, x.shape[-1])
+    if x.device.type == "cuda":
+        out = torch.ops.aten._weight_int4pack_mm(rows, packed, group_size, scale_and_zero)
+    else:
+        out = torch.ops.aten._weight_int4pack_mm_for_cpu(rows, packed, group_size, scale_and_zero)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def int8_gemm_supported(w_bits: int, w_symmetric: bool, a_bits: int, a_granularity: str, a_symmetric: bool) -> bool:
+    """Whether centred weight and activation codes fit int8 for the integer GEMM (per-channel weights assumed)."""
+    def fits(bits: int, symmetric: bool) -> bool:
+        return bits <= (8 if symmetric else 7)
+
+    return a_granularity == "per_token" and fits(w_bits, w_symmetric) and fits(a_bits, a_symmetric)
+
+
+def centered_weight_codes(codes: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Signed int8 ``q - z`` [out, in] for per-channel codes (``zero`` [out, 1], or the symmetric offset)."""
+    center = zero.to(torch.int16) if zero is not None else 2 ** (bits - 1)
+    return (codes.to(torch.int16) - center).to(torch.int8)
+
+
+def int8_gemm(
+    x: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor, bits: int, symmetric: bool
+) -> torch.Tensor:
+    """W4A4 as an integer GEMM: per-token activation codes times per-channel weight codes ([out, in] int8),
+    accumulated exactly in int32 and scaled once in float32; returns ``x.dtype``."""
+    codes, scale = qf.per_token_codes(x.reshape(-1, x.shape[-1]), bits, symmetric)
+    accumulated = torch._int_mm(codes.to(torch.int8), weight_codes.t())
+    out = accumulated.float().mul_(scale).mul_(weight_scale.float().reshape(1, -1)).to(x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
