@@ -180,6 +180,12 @@ class QAPrunerHfQuantizer(HfQuantizer):
         return True
 
     @property
+    def is_compileable(self) -> bool:
+        # `QuantLinear` traces without graph breaks on every path (tests/test_kernels.py), so generate may compile
+        # the decode step; the pruner only runs in the prefill, which generate keeps eager
+        return True
+
+    @property
     def is_trainable(self) -> bool:
         return False
 

@@ -216,6 +216,8 @@ class QuantLinear(nn.Module):
     @property
     def observing(self) -> bool:
         """Whether the calling thread is recording this layer's input ranges (see `observing_inputs`)."""
+        if torch.compiler.is_compiling():
+            return False  # calibration runs eagerly; dynamo cannot trace ContextVar.get
         store = _OBSERVATIONS.get()
         return store is not None and id(self) in store
 

@@ -48,11 +48,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, length: int) -> torch.Tensor:
     if bits == 8:
         return packed
     if bits == 4:
-        # strided writes into one buffer: no stacked intermediate
-        codes = torch.empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=torch.uint8, device=packed.device)
-        torch.bitwise_and(packed, 0x0F, out=codes[..., 0::2])
-        torch.bitwise_right_shift(packed, 4, out=codes[..., 1::2])
-        return codes[..., :length]
+        # stacked rather than written through strided `out=` views, which torch.compile cannot trace
+        codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1)
+        return codes.flatten(-2)[..., :length]
     chunks = packed.unflatten(-1, (-1, bits)).to(torch.int64)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     words = (chunks << byte_shifts).sum(-1, keepdim=True)
