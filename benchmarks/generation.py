@@ -1,7 +1,9 @@
-"""Decode speed with and without pruning (smaller KV cache), and calibration cost per sample.
+"""Prefill time and decode speed of the compressed model against the plain model it replaces, and calibration cost.
 
-LLaVA-1.5-7B shapes, decoder truncated, random weights, QAPrunerConfig defaults (W4A4 per token, keep 12.5 %).
-Run: python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4
+LLaVA-1.5-7B shapes, decoder truncated, random weights, QAPrunerConfig defaults (rotated W4A4 per token, keep
+12.5 %), against the same checkpoint loaded plainly in the same dtype. The compressed model is timed pruned and
+unpruned, on its automatic kernels and forced to the simulated path (what every call ran before the kernels).
+Run: python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4 --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -15,7 +17,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import llava_7b_processor, machine, median_seconds, save_llava_7b_shaped  # noqa: E402
+from common import (  # noqa: E402
+    interleaved_medians,
+    llava_7b_processor,
+    machine,
+    median_seconds,
+    save_llava_7b_shaped,
+)
 
 
 def decode_tokens_per_second(model, inputs: dict, new_tokens: int, repeats: int) -> float:
@@ -36,24 +44,35 @@ def run(decoder_layers: int, workdir: str, dtype: torch.dtype, new_tokens: int, 
 
     folder = save_llava_7b_shaped(os.path.join(workdir, f"bf16-{decoder_layers}L"), decoder_layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain = LlavaForConditionalGeneration.from_pretrained(folder, dtype=dtype, device_map=device)
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, device_map=device, quantization_config=optimum_qap.QAPrunerConfig()
     )
-    model.generation_config.pad_token_id = 0
+    for each in (plain, model):
+        each.generation_config.pad_token_id = 0
     processor = llava_7b_processor()
     sample = optimum_qap.builtin_calibration_samples(1)[0]
     inputs = optimum_qap.calibration.model_inputs(model, processor, sample["image"], "USER: <image>\n" + " w5" * 40)
     with torch.inference_mode():
-        pruned = decode_tokens_per_second(model, inputs, new_tokens, repeats)
+        prefill = interleaved_medians({"plain": lambda: plain(**inputs), "pruned": lambda: model(**inputs)}, repeats)
+        decode = {"plain": decode_tokens_per_second(plain, inputs, new_tokens, repeats),
+                  "pruned": decode_tokens_per_second(model, inputs, new_tokens, repeats)}
         with optimum_qap.pruning_disabled(model):
-            dense = decode_tokens_per_second(model, inputs, new_tokens, repeats)
+            decode["unpruned"] = decode_tokens_per_second(model, inputs, new_tokens, repeats)
+        optimum_qap.set_kernels(model, "simulated")
+        decode["pruned_simulated"] = decode_tokens_per_second(model, inputs, new_tokens, repeats)
+        optimum_qap.set_kernels(model, "auto")
     start = time.perf_counter()
     optimum_qap.calibrate(model, processor, optimum_qap.builtin_calibration_samples(calib_samples), progress=False)
     per_sample = (time.perf_counter() - start) / calib_samples
     return {
-        "decode_tokens_per_s_pruned": pruned,
-        "decode_tokens_per_s_unpruned": dense,
-        "decode_speedup": pruned / dense,
+        "prefill_s_plain": prefill["plain"],
+        "prefill_s_pruned": prefill["pruned"],
+        "prefill_pruned_over_plain": prefill["pruned"] / prefill["plain"],
+        **{f"decode_tokens_per_s_{name}": value for name, value in decode.items()},
+        "decode_pruned_over_plain": decode["pruned"] / decode["plain"],
+        "decode_speedup": decode["pruned"] / decode["unpruned"],
+        "decode_kernels_over_simulated": decode["pruned"] / decode["pruned_simulated"],
         "calibration_s_per_sample": per_sample,
         "calibration_s_default_16_samples": 16 * per_sample,
     }
@@ -63,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--decoder-layers", type=int, default=2)
     parser.add_argument("--workdir", default="runs/llava7b-shaped")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--calib-samples", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)

@@ -1,7 +1,9 @@
 """Quantized linear forward vs the bf16 nn.Linear it replaces, at LLaVA-7B layer shapes, per granularity.
 
-Also times optimum-quanto's int4-weight/int8-activation linear and torchao's int8-dynamic-activation/int4-weight
-when they are installed (`pip install -e ".[bench]"`). Ratios are measured side by side in one run.
+qap rows run on the path `QuantLinear` picks (`kernels="auto"`: int4 weight-only kernel, int8 GEMM or simulated;
+the path is printed per row) and, for reference, forced to the simulated path. Also times torchao's int4
+weight-only and int8-dynamic-activation/int4-weight linears and optimum-quanto's int4-weight (with and without
+int8 activations) when they are installed (`pip install -e ".[bench]"`). Ratios are measured side by side in one run.
 Run: python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600
 """
 
@@ -17,7 +19,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import machine, median_seconds  # noqa: E402
+from common import interleaved_medians, machine  # noqa: E402
 
 from optimum_qap import QuantLinear, QuantSpec  # noqa: E402
 
@@ -25,11 +27,22 @@ SHAPES = ((4096, 4096), (4096, 11008))
 GRANULARITIES = ("per_token", "per_group", "static_per_channel", "static_per_tensor")
 
 
-def qap_layer(linear: nn.Linear, granularity: str, cache: bool) -> nn.Module:
-    layer = QuantLinear.from_linear(linear, QuantSpec(w_bits=4, w_group_size=128, a_bits=4, a_granularity=granularity))
+def qap_layer(linear: nn.Linear, granularity: str, cache: bool = False, group_size: int | None = 128,
+              kernels: str = "auto") -> QuantLinear:
+    spec = QuantSpec(w_bits=4, w_group_size=group_size, a_bits=4, a_granularity=granularity)
+    layer = QuantLinear.from_linear(linear, spec)
     layer.observe(torch.randn(64, linear.in_features, device=linear.weight.device))
     layer.cache_dequantized_weight(cache)
+    layer.kernels = kernels
     return layer
+
+
+def qap_layers(linear: nn.Linear) -> dict[str, QuantLinear]:
+    layers = {f"qap {granularity}": qap_layer(linear, granularity) for granularity in GRANULARITIES}
+    layers["qap per_token simulated"] = qap_layer(linear, "per_token", kernels="simulated")
+    layers["qap per_token per-channel"] = qap_layer(linear, "per_token", group_size=None)
+    layers["qap per_token cached"] = qap_layer(linear, "per_token", cache=True)
+    return layers
 
 
 def peer_layers(linear: nn.Linear) -> dict[str, nn.Module]:
@@ -38,11 +51,26 @@ def peer_layers(linear: nn.Linear) -> dict[str, nn.Module]:
     try:
         from optimum.quanto import qint4, qint8, quantize
 
-        wrapper = nn.Sequential(copy.deepcopy(linear))
-        quantize(wrapper, weights=qint4, activations=qint8)
-        peers["quanto w4a8"] = wrapper
+        for name, activations in (("quanto w4", None), ("quanto w4a8", qint8)):
+            wrapper = nn.Sequential(copy.deepcopy(linear))
+            quantize(wrapper, weights=qint4, activations=activations)
+            peers[name] = wrapper
     except Exception as error:  # noqa: BLE001 - a missing or incompatible peer is reported, not fatal
         peers["quanto w4a8"] = f"unavailable: {type(error).__name__}: {error}"[:160]
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+        wrapper = nn.Sequential(copy.deepcopy(linear))
+        if linear.weight.device.type == "cpu":
+            # torchao's CPU int4 weight-only (the same _weight_int4pack_mm_for_cpu kernel) is a prototype config
+            from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
+
+            quantize_(wrapper, PrototypeInt4WeightOnlyConfig(group_size=128))
+        else:
+            quantize_(wrapper, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        peers["torchao w4 weight-only"] = wrapper
+    except Exception as error:  # noqa: BLE001
+        peers["torchao w4 weight-only"] = f"unavailable: {type(error).__name__}: {error}"[:160]
     try:
         from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
         from torchao.quantization.granularity import PerGroup
@@ -71,24 +99,27 @@ def main() -> None:
     with torch.inference_mode():
         for in_features, out_features in SHAPES:
             linear = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
-            layers: dict[str, nn.Module | str] = {}
-            for granularity in GRANULARITIES:
-                layers[f"qap {granularity}"] = qap_layer(linear, granularity, cache=False)
-            layers["qap per_token cached"] = qap_layer(linear, "per_token", cache=True)
+            layers: dict[str, nn.Module | str] = dict(qap_layers(linear))
             if args.peers:
                 layers.update(peer_layers(linear))
             for tokens in map(int, args.tokens.split(",")):
                 x = torch.randn(1, tokens, in_features, device=device, dtype=dtype)
-                base = median_seconds(lambda linear=linear, x=x: linear(x), args.repeats)
-                row = {"shape": f"{in_features}x{out_features}", "tokens": tokens, "linear_ms": base * 1e3}
+                row = {"shape": f"{in_features}x{out_features}", "tokens": tokens,
+                       "qap paths": {name: layer.matmul_path(x) for name, layer in layers.items()
+                                     if isinstance(layer, QuantLinear)}}
+                calls = {"linear": lambda linear=linear, x=x: linear(x)}
                 for name, layer in layers.items():
-                    if isinstance(layer, str):
-                        row[name] = layer
-                        continue
                     try:
-                        row[name] = median_seconds(lambda layer=layer, x=x: layer(x), args.repeats) / base
-                    except Exception as error:  # noqa: BLE001
-                        row[name] = f"failed: {type(error).__name__}: {error}"[:160]
+                        if isinstance(layer, str):
+                            raise RuntimeError(layer)
+                        layer(x)
+                        calls[name] = lambda layer=layer, x=x: layer(x)
+                    except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
+                        row[name] = str(error)[:160]
+                # timed in turn within every repeat, so that drift falls on all of them alike
+                medians = interleaved_medians(calls, args.repeats)
+                row["linear_ms"] = medians["linear"] * 1e3
+                row.update({name: seconds / medians["linear"] for name, seconds in medians.items() if name != "linear"})
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print(json.dumps({**machine(), "dtype": args.dtype, "unit": "time / nn.Linear time", "rows": rows}, indent=2))

@@ -95,25 +95,35 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
     decode = results["generation"]
     lines += [
         "",
-        "## Decode and calibration",
+        "## Prefill, decode and calibration against the plain model",
         "",
-        f"`{commands['generation']}`",
+        f"`{commands['generation']}`. Plain: the same checkpoint loaded without quantization, in the same dtype.",
+        "Simulated: the compressed model forced onto the simulated path (`set_kernels(model, \"simulated\")`), what",
+        "every call ran before the fused kernels.",
         "",
         *table(
             [
+                "prefill s plain",
+                "prefill s pruned",
+                "pruned / plain",
+                "decode tok/s plain",
                 "decode tok/s pruned",
                 "decode tok/s unpruned",
-                "speed-up",
+                "decode tok/s pruned, simulated",
+                "decode pruned / plain",
                 "calibration s/sample",
-                "calibration s (16 samples)",
             ],
             [
                 [
+                    decode["prefill_s_plain"],
+                    decode["prefill_s_pruned"],
+                    decode["prefill_pruned_over_plain"],
+                    decode["decode_tokens_per_s_plain"],
                     decode["decode_tokens_per_s_pruned"],
                     decode["decode_tokens_per_s_unpruned"],
-                    decode["decode_speedup"],
+                    decode["decode_tokens_per_s_pruned_simulated"],
+                    decode["decode_pruned_over_plain"],
                     decode["calibration_s_per_sample"],
-                    decode["calibration_s_default_16_samples"],
                 ]
             ],
         ),
@@ -124,10 +134,11 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
     ]
     linear_rows = results["linear"]["rows"]
-    methods = [k for k in linear_rows[0] if k not in ("shape", "tokens", "linear_ms")]
+    methods = [k for k in linear_rows[0] if k not in ("shape", "tokens", "linear_ms", "qap paths")]
     lines += table(
-        ["shape", "tokens", "nn.Linear ms", *methods],
-        [[r["shape"], r["tokens"], r["linear_ms"], *(r[m] for m in methods)] for r in linear_rows],
+        ["shape", "tokens", "nn.Linear ms", "qap per_token path", *methods],
+        [[r["shape"], r["tokens"], r["linear_ms"], r["qap paths"]["qap per_token"], *(r[m] for m in methods)]
+         for r in linear_rows],
     )
     memory = results["memory"]
     lines += [
@@ -165,25 +176,26 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
 
 
 WHAT_LIMITS_SPEED = [
-    "## Why the quantized layer is slower than `nn.Linear`, and what would change it",
+    "## Which path a quantized layer takes, and where it still loses to `nn.Linear`",
     "",
-    "`QuantLinear` simulates W4A4: every call unpacks the 4-bit codes, dequantizes the weight in the model dtype and",
-    "fake-quantizes the input, then runs the ordinary float matmul. That is exact (the reference tests compare it",
-    "with a plain quantize-dequantize implementation) and portable to any device and dtype, but it reads the packed",
-    "weight and then writes and reads a full float weight, so it cannot beat the float layer it replaces. On CPU, bf16",
-    "element-wise work is slow as well. No PyTorch kernel runs a 4-bit x 4-bit matmul, so a W4A4 speed-up needs a",
-    "custom kernel (as QuaRot or Atom ship for CUDA); what optimum-qap does today:",
+    "`qap per_token path` is the path `QuantLinear` chose for that row (`kernels=\"auto\"`, see",
+    "[quantization.md](quantization.md#kernels-which-path-a-call-takes-kernels-optimum_qapset_kernels)); every other",
+    "qap column with the default group-wise layout takes the same path, `per-channel` takes `int8_gemm` from 17",
+    "tokens. `qap per_token simulated` is the reference path every call took before the kernels.",
     "",
-    "- `optimum_qap.cache_dequantized_weights(model)` keeps the dequantized weights between calls (`cached` column):",
-    "  decode then costs the float matmul plus activation fake-quantization, at the memory of the float weights.",
-    "- 4-bit codes unpack with strided writes (no stacked intermediate); weight quantization at load runs in bounded",
-    "  row blocks.",
-    "- Not done: routing W4 layers through torch's int4 weight-only kernels (`_weight_int4pack_mm`), which read 4-bit",
-    "  weights directly but need their packing format and a float zero point (not bit-identical to the integer zero",
-    "  point stored here).",
+    "- Decode-sized calls run PyTorch's fused int4 weight-only kernel on the packed weight (a quarter of the bf16",
+    "  bytes), after fake-quantizing the input, and so beat the bf16 layer; torchao's int4 weight-only layer runs the",
+    "  same kernel without activation quantization.",
+    "- Long group-wise calls stay on the simulated path: the int4 kernel's cost grows with the token count, and",
+    "  `torch._int_mm` cannot apply per-group weight scales inside its accumulation. On a CPU with AMX a bf16 GEMM",
+    "  of 600 tokens takes about as long as dequantizing the 4096x4096 weight once, so this path stays slower than",
+    "  bf16 until a fused dequantize-GEMM kernel exists. Per-channel layers (`w_group_size=None`) run the integer",
+    "  GEMM instead, and `cache_dequantized_weights(model)` trades the float weight's memory for the float matmul.",
+    "- The dequantization and the activation rounding run in place on one fresh buffer each: every out-of-place",
+    "  element-wise pass would allocate and page-fault another weight-sized buffer.",
     "",
-    "The peers do not run W4A4 either: optimum-quanto's int4-weight / int8-activation layer and torchao's",
-    "int8-dynamic-activation / int4-weight layer are timed at the same shapes in the table above.",
+    "The peers: optimum-quanto's int4 layers (with and without int8 activations) dequantize on CPU; torchao's",
+    "int8-dynamic-activation / int4-weight layer is timed at the same shapes.",
     "",
 ]
 
@@ -241,8 +253,9 @@ def main() -> None:
     commands = {
         "prefill": "python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 --dtype float32"
         " --repeats 5",
-        "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4",
-        "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers --repeats 3",
+        "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4"
+        " --dtype bfloat16",
+        "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600 --peers --repeats 5",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4",
         "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }
@@ -286,10 +299,10 @@ def main() -> None:
     if "generation" in args.only:
         keep(
             "generation",
-            run("generation.py", "--decoder-layers", "2", "--new-tokens", "16", "--calib-samples", "4", *workdir),
+            run("generation.py", *commands["generation"].split()[2:], *workdir),
         )
     if "linear" in args.only:
-        keep("linear", run("linear.py", "--dtype", "bfloat16", "--tokens", "1,64,600", "--peers", "--repeats", "3"))
+        keep("linear", run("linear.py", *commands["linear"].split()[2:]))
     if "backbone" in args.only:
         keep("backbone", run("backbone.py", *commands["backbone"].split()[2:], *workdir))
     with open(args.markdown, "w") as handle:
