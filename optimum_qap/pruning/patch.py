@@ -7,7 +7,8 @@ Auto classes see an ordinary LLaVA model):
 - `forward` drops the placeholders of pruned tokens from `input_ids`, `attention_mask`, `labels` and
   `position_ids` (re-padding rows that lost a different number of tokens), so outputs cover the shorter sequence;
 - `generate` compacts the prompt once before generation, generates with the kept features, and returns the
-  caller's own prompt followed by the new tokens, so slicing off the prompt works as usual.
+  caller's own prompt followed by the new tokens, so slicing off the prompt works as usual; `max_length` and
+  `min_length` count the caller's prompt, as on the unpruned model (lengths.py).
 
 Inputs that already hold K placeholders per image (a processor saved with `compact_processor`) pass unchanged.
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from . import call_state
 from .compaction import PlaceholderLayout, compact, placeholder_keep_mask, positions_from_mask
+from .lengths import lengths_for_compacted_prompt
 from .pruner import ImageSelection, TokenPruner
 
 __all__ = [
@@ -119,6 +121,7 @@ def pruned_generate(model, inputs=None, **kwargs):
     outputs, compact_ids, compact_mask, _ = _encode_and_compact(
         model, pruner, pixel_values, input_ids, attention_mask, {}, vision_kwargs
     )
+    kwargs = lengths_for_compacted_prompt(model, kwargs, input_ids.shape[1] - compact_ids.shape[1])
     result = original(
         input_ids=compact_ids, attention_mask=compact_mask, mm_encoder_outputs={"image": outputs}, **kwargs
     )
