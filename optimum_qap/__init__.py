@@ -18,6 +18,7 @@ from .pruning import (
 )
 from .quant.linear import QuantLinear, QuantSpec, UncalibratedError
 from .quantizer import QAPrunerHfQuantizer, cache_dequantized_weights, quantized_modules, weight_storage_bytes
+from .reload import install_merge
 
 
 def _register() -> None:
@@ -26,6 +27,7 @@ def _register() -> None:
         _auto.register_quantization_config(QUANT_METHOD)(QAPrunerConfig)
     if QUANT_METHOD not in _auto.AUTO_QUANTIZER_MAPPING:
         _auto.register_quantizer(QUANT_METHOD)(QAPrunerHfQuantizer)
+    install_merge()
 
 
 _register()
