@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, read_headers
+from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, guard_key, guard_tensor, layout, read_headers
 from .config import QAPrunerConfig
 from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
@@ -148,11 +149,18 @@ class QAPrunerHfQuantizer(HfQuantizer):
             replace_linears(model, config, awaiting_weight=not self.pre_quantized)
         if headers is not None and headers[0]:
             check_tensors(model, headers[0])
+        if self.pre_quantized and (key := guard_key(model)) is not None:
+            ignored = set(model._keys_to_ignore_on_load_unexpected or ())
+            model._keys_to_ignore_on_load_unexpected = ignored | {f"^{re.escape(key)}$"}
         return model
 
     def get_state_dict_and_metadata(self, model):
+        state = model.state_dict()
+        key = guard_key(model)
+        if key is not None:
+            state[key] = guard_tensor()  # a load without optimum-qap fails on it (checkpoint.py)
         # the layout the tensors are saved in, so that a later edit of config.json cannot reinterpret them
-        return None, {LAYOUT_KEY: layout(model.config.quantization_config)}
+        return state, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .calibration import calibrate_from_config, config_samples
