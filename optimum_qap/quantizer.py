@@ -164,12 +164,14 @@ class QAPrunerHfQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .calibration import calibrate_from_config, config_samples
-        from .hub import push_to_hub
+        from .hub import hub_model_id, push_to_hub, save_pretrained
 
         config = self.quantization_config
-        if not self.pre_quantized and config.base_model is None:
-            config.base_model = model.config.name_or_path or None
-        model.push_to_hub = functools.partial(push_to_hub, model)
+        if not self.pre_quantized:
+            config.base_model = hub_model_id(config.base_model or model.config.name_or_path)
+        for name, method in (("push_to_hub", push_to_hub), ("save_pretrained", save_pretrained),
+                             ("num_parameters", num_parameters)):
+            setattr(model, name, functools.partial(method, model))
         calibrating = not self.pre_quantized and config.calibration is not None
         processor, samples = config_samples(model) if calibrating else (None, None)
         if not self.pre_quantized and config.quantizes_after_loading:
@@ -180,7 +182,14 @@ class QAPrunerHfQuantizer(HfQuantizer):
             attach_pruner(model, config)
         if calibrating:
             calibrate_from_config(model, processor, samples)
+            if isinstance(config.calibration, list):
+                config.calibration = None  # local file paths stay out of the saved config; calibration_summary stays
         return model
+
+    def _dequantize(self, model, dtype=None):
+        from .dequantize import dequantize_model
+
+        return dequantize_model(model, dtype)
 
     def is_serializable(self) -> bool:
         return True
@@ -207,6 +216,16 @@ def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> `QuantLinear` for every quantized layer of ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def num_parameters(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' count, with each packed weight counted at its logical size (out x in), as for bitsandbytes
+    4-bit; packed weights are buffers and not trainable, so ``only_trainable`` leaves them out."""
+    total = type(model).num_parameters(model, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable:
+        return total
+    packed = [m for m in quantized_modules(model).values() if m.spec.packs_weight]
+    return total + sum(m.in_features * m.out_features for m in packed)
 
 
 def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:

@@ -227,6 +227,20 @@ def attach_pruner(model: nn.Module, config) -> TokenPruner:
     return pruner
 
 
+def detach_pruner(model: nn.Module) -> None:
+    """Undo `attach_pruner`: the model runs on all visual tokens again (a no-op for a model that does not prune)."""
+    originals = model.__dict__.pop("_qap_original", None)
+    if originals is None:
+        return
+    for owner, name in ((model, "forward"), (model, "generate"), (model.model, "get_image_features")):
+        original = originals[name]
+        if getattr(original, "__func__", None) is getattr(type(owner), name):
+            del owner.__dict__[name]  # the class's own method again
+        else:
+            setattr(owner, name, original)  # a wrapper that was there before (e.g. accelerate's hooks)
+    del model.qap_pruner
+
+
 def last_selection(model: nn.Module) -> list[ImageSelection]:
     """Kept indices and S^P, S^Q, E', R', S of every image in the model's last pruned call."""
     pruner = getattr(model, "qap_pruner", None)
