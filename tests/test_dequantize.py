@@ -1,5 +1,6 @@
 """model.dequantize(): a plain float LLaVA that computes what the qap model computes (activation quantization off)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -34,6 +35,19 @@ def test_dequantized_model_computes_what_the_quantized_one_does(tiny_repo, rotat
         torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     else:
         assert torch.equal(logits, expected)
+
+
+def test_with_quantized_activations_it_is_the_model_without_activation_quantization(tiny_repo):
+    model = load(tiny_repo, a_bits=4, rotation=False)
+    inputs = sample_inputs()
+    with pruning_disabled(model):
+        quantized = model(**inputs).logits
+        for module in model.modules():
+            if isinstance(module, QuantLinear):
+                module.spec = dataclasses.replace(module.spec, a_bits=16)
+        expected = model(**inputs).logits
+    logits = model.dequantize()(**inputs).logits
+    assert torch.equal(logits, expected) and not torch.equal(logits, quantized)
 
 
 def test_dequantized_model_is_a_plain_llava(tiny_repo):
