@@ -8,11 +8,7 @@ Two checks, both on the safetensors headers only (no tensor data is read), befor
 - The tensors: every tensor a `QuantLinear` serializes must be present, with the dtype and shape its layout implies.
   transformers would otherwise leave a missing buffer uninitialised, or cast a wrong dtype silently.
 
-And one guard for loads that bypass both: without `import optimum_qap` (or with a mistyped `quant_method`),
-transformers only warns about the unknown quantization method and builds a plain LLaVA, whose quantized linears would
-be randomly initialised. So the checkpoint also holds an empty tensor under the `weight` name of the first packed
-layer (`guard_key`): a plain LLaVA expects a [out, in] weight there, and transformers refuses to load a checkpoint
-whose tensor shapes mismatch the model (a RuntimeError, not a warning). The qap load ignores that key.
+A load without optimum-qap never reaches these checks; guard.py makes it fail.
 """
 
 from __future__ import annotations
@@ -38,20 +34,6 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 class CheckpointError(ValueError):
     """A qap checkpoint whose tensors or recorded layout do not match its config."""
-
-
-def guard_key(model: nn.Module) -> str | None:
-    """The state-dict key that holds the guard: `weight` of the first layer whose weight is packed (None if none)."""
-    return next(
-        (f"{name}.weight" for name, module in model.named_modules()
-         if isinstance(module, QuantLinear) and module.spec.packs_weight),
-        None,
-    )
-
-
-def guard_tensor() -> torch.Tensor:
-    """What the guard key holds: no data, and a shape no linear weight has."""
-    return torch.zeros(0, dtype=torch.uint8)
 
 
 def layout(config) -> str:

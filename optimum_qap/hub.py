@@ -163,7 +163,7 @@ def model_card(config: QAPrunerConfig, repo_id: str | None = None, tags: Iterabl
         "```",
         "",
         "Without `import optimum_qap`, transformers does not know the `qap` method and refuses the checkpoint (a "
-        "size mismatch on a packed weight). Pruning settings can be changed at load time, e.g. "
+        "size mismatch on an empty guard tensor). Pruning settings can be changed at load time, e.g. "
         f'`from_pretrained("{path}", quantization_config=optimum_qap.QAPrunerConfig(keep_ratio=0.25))`; '
         "`model.dequantize()` gives a plain float LLaVA.",
         "",

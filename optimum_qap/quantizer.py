@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -11,8 +10,9 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, guard_key, guard_tensor, layout, read_headers
+from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, model_keys, read_headers
 from .config import QAPrunerConfig
+from .guard import add_guard, expect_guard, restore_guarded
 from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_language_model
@@ -148,17 +148,12 @@ class QAPrunerHfQuantizer(HfQuantizer):
         if self.pre_quantized or not config.quantizes_after_loading:
             replace_linears(model, config, awaiting_weight=not self.pre_quantized)
         if headers is not None and headers[0]:
+            expect_guard(model, config.rotation, model_keys(model, headers[0], dict.fromkeys(model.state_dict())))
             check_tensors(model, headers[0])
-        if self.pre_quantized and (key := guard_key(model)) is not None:
-            ignored = set(model._keys_to_ignore_on_load_unexpected or ())
-            model._keys_to_ignore_on_load_unexpected = ignored | {f"^{re.escape(key)}$"}
         return model
 
     def get_state_dict_and_metadata(self, model):
-        state = model.state_dict()
-        key = guard_key(model)
-        if key is not None:
-            state[key] = guard_tensor()  # a load without optimum-qap fails on it (checkpoint.py)
+        state = add_guard(model, model.state_dict(), model.config.quantization_config.rotation)  # guard.py
         # the layout the tensors are saved in, so that a later edit of config.json cannot reinterpret them
         return state, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
@@ -167,6 +162,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
         from .hub import hub_model_id, push_to_hub, save_pretrained
 
         config = self.quantization_config
+        restore_guarded(model)
         if not self.pre_quantized:
             config.base_model = hub_model_id(config.base_model or model.config.name_or_path)
         for name, method in (("push_to_hub", push_to_hub), ("save_pretrained", save_pretrained),
