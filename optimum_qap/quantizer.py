@@ -163,8 +163,9 @@ class QAPrunerHfQuantizer(HfQuantizer):
 
         config = self.quantization_config
         restore_guarded(model)
-        if not self.pre_quantized:
-            config.base_model = hub_model_id(config.base_model or model.config.name_or_path)
+        # only a Hub id: a local path must not reach a config that may be published (older checkpoints held one)
+        source = None if self.pre_quantized else model.config.name_or_path
+        config.base_model = hub_model_id(config.base_model or source)
         for name, method in (("push_to_hub", push_to_hub), ("save_pretrained", save_pretrained),
                              ("num_parameters", num_parameters)):
             setattr(model, name, functools.partial(method, model))

@@ -99,6 +99,15 @@ def test_pushed_config_has_no_local_paths(tiny_repo, hub, tmp_path):
     assert "base_model" not in front_matter(hub["commit"]["files"]["README.md"].decode())
 
 
+def test_resaving_an_older_checkpoint_drops_its_local_base_model(tiny_repo, tmp_path):
+    quantized(tiny_repo).save_pretrained(tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    config["quantization_config"]["base_model"] = tiny_repo  # what earlier releases wrote
+    (tmp_path / "a" / "config.json").write_text(json.dumps(config))
+    LlavaForConditionalGeneration.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["base_model"] is None
+
+
 def test_card_reads_well_without_a_base_model(tmp_path):
     config = QAPrunerConfig(a_granularity="static_per_channel", base_model=str(tmp_path))
     card = str(model_card(config))
