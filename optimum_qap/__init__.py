@@ -24,6 +24,7 @@ from .quantizer import (
     set_kernels,
     weight_storage_bytes,
 )
+from .reload import install_merge
 
 
 def _register() -> None:
@@ -32,6 +33,7 @@ def _register() -> None:
         _auto.register_quantization_config(QUANT_METHOD)(QAPrunerConfig)
     if QUANT_METHOD not in _auto.AUTO_QUANTIZER_MAPPING:
         _auto.register_quantizer(QUANT_METHOD)(QAPrunerHfQuantizer)
+    install_merge()
 
 
 _register()

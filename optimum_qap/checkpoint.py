@@ -7,6 +7,8 @@ Two checks, both on the safetensors headers only (no tensor data is read), befor
   4096-wide layer) no longer matches the tensors, and is refused.
 - The tensors: every tensor a `QuantLinear` serializes must be present, with the dtype and shape its layout implies.
   transformers would otherwise leave a missing buffer uninitialised, or cast a wrong dtype silently.
+
+A load without optimum-qap never reaches these checks; guard.py makes it fail.
 """
 
 from __future__ import annotations

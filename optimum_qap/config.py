@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -20,6 +22,7 @@ from .config_checks import (
     is_real,
 )
 from .quant.kernels import KERNEL_MODES
+from .reload import LOADING_FIELDS, records_explicit_fields
 
 QUANT_METHOD = "qap"
 # Bump when the on-disk layout of quantized modules changes; loading a newer version is refused.
@@ -124,6 +127,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         True
     """
 
+    @records_explicit_fields
     def __init__(
         self,
         w_bits: int = 4,
@@ -383,6 +387,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         for key, value in kwargs.items():
             if key in _init_fields():
                 setattr(config, key, value)
+                config._explicit_fields |= {key}
             else:
                 unused[key] = value
         config.post_init()
@@ -391,6 +396,15 @@ class QAPrunerConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, **{k: copy.deepcopy(getattr(self, k)) for k in _init_fields()}}
 
+    @property
+    def explicit_fields(self) -> frozenset[str]:
+        """The fields the caller passed (not left at their defaults); `from_dict` passes all it is given."""
+        return getattr(self, "_explicit_fields", frozenset())
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """The pruning fields this config sets: what applies when it is passed to reload a checkpoint (reload.py)."""
+        return {name: copy.deepcopy(getattr(self, name)) for name in LOADING_FIELDS if name in self.explicit_fields}
+
     def to_diff_dict(self) -> dict[str, Any]:
         return self.to_dict()
 
@@ -398,5 +412,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
         return isinstance(other, QAPrunerConfig) and self.to_dict() == other.to_dict()
 
 
+@functools.cache
 def _init_fields() -> tuple[str, ...]:
-    return QAPrunerConfig.__init__.__code__.co_varnames[1 : QAPrunerConfig.__init__.__code__.co_argcount]
+    return tuple(inspect.signature(QAPrunerConfig.__init__).parameters)[1:]

@@ -1,15 +1,44 @@
-"""Model card and `push_to_hub` for compressed models (the card replaces transformers' generic one)."""
+"""Model card, `push_to_hub` and `save_pretrained(push_to_hub=True)` for compressed models.
+
+Both uploads take transformers' arguments (commit_message, commit_description, private, token, revision, create_pr,
+max_shard_size, tags; repo_id for `save_pretrained`), upload through transformers' own commit helper, and carry the
+optimum-qap model card instead of transformers' generic one.
+"""
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+from collections.abc import Iterable
 
 from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .config import QAPrunerConfig
 
 CARD_TAGS = ["optimum-qap", "qapruner", "quantized", "token-pruning", "llava", "image-text-to-text"]
+DEFAULT_COMMIT_MESSAGE = "Upload QAPruner-compressed model"
+# a Hub cache snapshot folder: .../models--{org}--{name}/snapshots/{revision}
+_CACHE_SNAPSHOT = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots")
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """``name_or_path`` as a Hub model id: itself if it is one, the id of a Hub cache snapshot, else None (a local
+    folder is no id, and its path is not written into a config that may be published)."""
+    if not name_or_path:
+        return None
+    cached = _CACHE_SNAPSHOT.search(name_or_path)
+    if cached:
+        return f"{cached['org']}/{cached['name']}"
+    if os.path.exists(name_or_path) or os.path.isabs(name_or_path) or name_or_path.startswith("."):
+        return None
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return None
+    return name_or_path
 
 
 def _describe_quantization(config: QAPrunerConfig) -> list[str]:
@@ -85,27 +114,25 @@ def _describe_calibration(config: QAPrunerConfig) -> str:
     return f"Calibrated with optimum-qap ({details})."
 
 
-def model_card(config: QAPrunerConfig, repo_id: str | None = None) -> ModelCard:
-    """A model card with Hub metadata, the compression settings, calibration and how to load the model."""
-    base_model = config.base_model
-    if base_model is not None and os.path.isdir(base_model):
-        base_model = None  # a local folder is not a Hub id
+def model_card(config: QAPrunerConfig, repo_id: str | None = None, tags: Iterable[str] = ()) -> ModelCard:
+    """A model card with Hub metadata, the compression settings, calibration and how to install and load the model."""
+    base_model = hub_model_id(config.base_model)
     data = ModelCardData(
         base_model=base_model,
         base_model_relation="quantized" if base_model else None,
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        tags=list(CARD_TAGS),
+        tags=list(dict.fromkeys([*CARD_TAGS, *tags])),
     )
-    name = repo_id or "this model"
+    path = repo_id or "path/to/model"
     lines = [
         "---",
         data.to_yaml(),
         "---",
         "",
-        f"# {repo_id.split('/')[-1] if repo_id else 'QAPruner-compressed model'}",
+        f"# {repo_id.split('/')[-1] if repo_id else 'QAPruner-compressed LLaVA'}",
         "",
-        f"{name} is {'`' + base_model + '`' if base_model else 'a LLaVA model'} compressed with "
+        f"This model is {'`' + base_model + '`' if base_model else 'a LLaVA model'} compressed with "
         "[optimum-qap](https://github.com/optimum-qap/optimum-qap): low-bit weights and activations in the "
         "language model, and QAPruner visual-token pruning (semantic relevance fused with quantization "
         "sensitivity).",
@@ -121,40 +148,81 @@ def model_card(config: QAPrunerConfig, repo_id: str | None = None) -> ModelCard:
         "",
         "## Load",
         "",
-        "```python",
-        "import optimum_qap  # registers the quantization method",
-        "from transformers import LlavaForConditionalGeneration",
-        f'model = LlavaForConditionalGeneration.from_pretrained("{repo_id or "path/to/model"}")',
+        "The weights are packed in optimum-qap's format: install it, and import it before loading.",
+        "",
+        "```bash",
+        "pip install optimum-qap",
         "```",
+        "",
+        "```python",
+        "import optimum_qap  # registers the qap quantization method with transformers",
+        "from transformers import LlavaForConditionalGeneration, pipeline",
+        "",
+        f'model = LlavaForConditionalGeneration.from_pretrained("{path}")',
+        f'pipe = pipeline("image-text-to-text", model="{path}")',
+        "```",
+        "",
+        "Without `import optimum_qap`, transformers does not know the `qap` method and refuses the checkpoint (a "
+        "size mismatch on an empty guard tensor). Pruning settings can be changed at load time, e.g. "
+        f'`from_pretrained("{path}", quantization_config=optimum_qap.QAPrunerConfig(keep_ratio=0.25))`; '
+        "`model.dequantize()` gives a plain float LLaVA.",
         "",
     ]
     return ModelCard("\n".join(lines))
+
+
+def _tag_list(model, tags: str | Iterable[str] | None) -> list[str]:
+    extra = [tags] if isinstance(tags, str) else list(tags or [])
+    return list(dict.fromkeys([*(getattr(model, "model_tags", None) or []), *extra]))
+
+
+def _write_card(model, folder: str, repo_id: str, tags: list[str]) -> None:
+    model_card(model.config.quantization_config, repo_id, tags).save(os.path.join(folder, "README.md"))
 
 
 def push_to_hub(
     model,
     repo_id: str,
     *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
     private: bool | None = None,
-    token: str | None = None,
-    commit_message: str = "Upload QAPruner-compressed model",
+    token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
     processor=None,
-    **save_kwargs,
 ):
-    """Save ``model`` (and ``processor``) with a generated model card and upload the folder to ``repo_id``."""
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    """`PreTrainedModel.push_to_hub` for a qap model: the same arguments, plus ``processor`` (saved beside the
+    model), and the optimum-qap model card (carrying ``tags``) as README.md."""
+    repo_id = HfApi().create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder, **save_kwargs)
+        type(model).save_pretrained(model, folder, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(folder)
-        model_card(model.config.quantization_config, repo_id).save(os.path.join(folder, "README.md"))
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=folder,
-            commit_message=commit_message,
-            revision=revision,
-            create_pr=create_pr,
+        _write_card(model, folder, repo_id, _tag_list(model, tags))
+        return model._upload_modified_files(
+            folder, repo_id, {}, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE, token=token,
+            create_pr=create_pr, revision=revision, commit_description=commit_description,
         )
+
+
+def save_pretrained(model, save_directory, *args, push_to_hub: bool = False, **kwargs):
+    """`PreTrainedModel.save_pretrained` for a qap model; with ``push_to_hub=True`` the files it changed are
+    uploaded with the optimum-qap model card, honouring repo_id (default: the folder's name), commit_message,
+    commit_description, create_pr, revision, private and token."""
+    save = type(model).save_pretrained
+    if not push_to_hub:
+        return save(model, save_directory, *args, **kwargs)
+    commit = {name: kwargs.pop(name) for name in ("commit_message", "commit_description", "create_pr", "revision")
+              if name in kwargs}
+    commit.setdefault("commit_message", DEFAULT_COMMIT_MESSAGE)
+    repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+    token = kwargs.get("token")
+    repo_id = HfApi().create_repo(repo_id, private=kwargs.pop("private", None), token=token, exist_ok=True).repo_id
+    os.makedirs(save_directory, exist_ok=True)
+    timestamps = model._get_files_timestamps(save_directory)
+    save(model, save_directory, *args, **kwargs)
+    _write_card(model, str(save_directory), repo_id, _tag_list(model, None))
+    return model._upload_modified_files(str(save_directory), repo_id, timestamps, token=token, **commit)

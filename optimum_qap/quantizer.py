@@ -10,8 +10,9 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.base import HfQuantizer
 
-from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, read_headers
+from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, model_keys, read_headers
 from .config import QAPrunerConfig
+from .guard import add_guard, expect_guard, restore_guarded
 from .pruning.patch import attach_pruner
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
@@ -148,21 +149,27 @@ class QAPrunerHfQuantizer(HfQuantizer):
         if self.pre_quantized or not config.quantizes_after_loading:
             replace_linears(model, config, awaiting_weight=not self.pre_quantized)
         if headers is not None and headers[0]:
+            expect_guard(model, config.rotation, model_keys(model, headers[0], dict.fromkeys(model.state_dict())))
             check_tensors(model, headers[0])
         return model
 
     def get_state_dict_and_metadata(self, model):
+        state = add_guard(model, model.state_dict(), model.config.quantization_config.rotation)  # guard.py
         # the layout the tensors are saved in, so that a later edit of config.json cannot reinterpret them
-        return None, {LAYOUT_KEY: layout(model.config.quantization_config)}
+        return state, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         from .calibration import calibrate_from_config, config_samples
-        from .hub import push_to_hub
+        from .hub import hub_model_id, push_to_hub, save_pretrained
 
         config = self.quantization_config
-        if not self.pre_quantized and config.base_model is None:
-            config.base_model = model.config.name_or_path or None
-        model.push_to_hub = functools.partial(push_to_hub, model)
+        restore_guarded(model)
+        # only a Hub id: a local path must not reach a config that may be published (older checkpoints held one)
+        source = None if self.pre_quantized else model.config.name_or_path
+        config.base_model = hub_model_id(config.base_model or source)
+        for name, method in (("push_to_hub", push_to_hub), ("save_pretrained", save_pretrained),
+                             ("num_parameters", num_parameters)):
+            setattr(model, name, functools.partial(method, model))
         calibrating = not self.pre_quantized and config.calibration is not None
         processor, samples = config_samples(model) if calibrating else (None, None)
         if not self.pre_quantized and config.quantizes_after_loading:
@@ -173,8 +180,15 @@ class QAPrunerHfQuantizer(HfQuantizer):
             attach_pruner(model, config)
         if calibrating:
             calibrate_from_config(model, processor, samples)
+            if isinstance(config.calibration, list):
+                config.calibration = None  # local file paths stay out of the saved config; calibration_summary stays
         set_kernels(model, config.kernels)
         return model
+
+    def _dequantize(self, model, dtype=None):
+        from .dequantize import dequantize_model
+
+        return dequantize_model(model, dtype)
 
     def is_serializable(self) -> bool:
         return True
@@ -207,6 +221,16 @@ def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
     """Name -> `QuantLinear` for every quantized layer of ``model``."""
     return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def num_parameters(model: nn.Module, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+    """transformers' count, with each packed weight counted at its logical size (out x in), as for bitsandbytes
+    4-bit; packed weights are buffers and not trainable, so ``only_trainable`` leaves them out."""
+    total = type(model).num_parameters(model, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    if only_trainable:
+        return total
+    packed = [m for m in quantized_modules(model).values() if m.spec.packs_weight]
+    return total + sum(m.in_features * m.out_features for m in packed)
 
 
 def cache_dequantized_weights(model: nn.Module, enabled: bool = True) -> None:

@@ -88,6 +88,8 @@ def assert_within(fast: torch.Tensor, reference: torch.Tensor, bound: torch.Tens
 @pytest.mark.parametrize("group_size,w_symmetric,a_symmetric",
                          list(itertools.product((32, 64, 128, 256, None), (False, True), (False, True))))
 def test_int4_weight_only_matches_simulated(device, dtype, group_size, w_symmetric, a_symmetric):
+    if dtype not in kernels.INT4_DTYPES[device]:
+        pytest.skip(f"the {device} int4 kernel takes {kernels.INT4_DTYPES[device]}")
     module = layer(QuantSpec(w_group_size=group_size, w_symmetric=w_symmetric, a_symmetric=a_symmetric), dtype, device)
     x = torch.randn(3, 2, module.in_features, device=device, dtype=dtype)
     with torch.no_grad():
@@ -212,3 +214,16 @@ def test_generate_with_a_compiled_decode_step_equals_eager(tiny_repo):
                                   compile_config=compile_config)
     assert hasattr(model, "_compiled_call")  # generate did compile the decode step
     assert torch.equal(eager, compiled)
+
+
+def test_kernels_choice_applies_at_reload_and_is_saved(tiny_repo, tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    LlavaForConditionalGeneration.from_pretrained(
+        tiny_repo, quantization_config=optimum_qap.QAPrunerConfig(keep_ratio=1.0)).save_pretrained(tmp_path)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        tmp_path, quantization_config=optimum_qap.QAPrunerConfig(kernels="simulated"))
+    assert {m.kernels for m in optimum_qap.quantized_modules(model).values()} == {"simulated"}
+    model.save_pretrained(tmp_path / "again")
+    again = LlavaForConditionalGeneration.from_pretrained(tmp_path / "again")
+    assert {m.kernels for m in optimum_qap.quantized_modules(again).values()} == {"simulated"}

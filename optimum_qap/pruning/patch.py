@@ -7,7 +7,8 @@ Auto classes see an ordinary LLaVA model):
 - `forward` drops the placeholders of pruned tokens from `input_ids`, `attention_mask`, `labels` and
   `position_ids` (re-padding rows that lost a different number of tokens), so outputs cover the shorter sequence;
 - `generate` compacts the prompt once before generation, generates with the kept features, and returns the
-  caller's own prompt followed by the new tokens, so slicing off the prompt works as usual.
+  caller's own prompt followed by the new tokens, so slicing off the prompt works as usual; `max_length` and
+  `min_length` count the caller's prompt, as on the unpruned model (lengths.py).
 
 Inputs that already hold K placeholders per image (a processor saved with `compact_processor`) pass unchanged.
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from . import call_state
 from .compaction import PlaceholderLayout, compact, placeholder_keep_mask, positions_from_mask
+from .lengths import lengths_for_compacted_prompt
 from .pruner import ImageSelection, TokenPruner
 
 __all__ = [
@@ -119,6 +121,7 @@ def pruned_generate(model, inputs=None, **kwargs):
     outputs, compact_ids, compact_mask, _ = _encode_and_compact(
         model, pruner, pixel_values, input_ids, attention_mask, {}, vision_kwargs
     )
+    kwargs = lengths_for_compacted_prompt(model, kwargs, input_ids.shape[1] - compact_ids.shape[1])
     result = original(
         input_ids=compact_ids, attention_mask=compact_mask, mm_encoder_outputs={"image": outputs}, **kwargs
     )
@@ -222,6 +225,20 @@ def attach_pruner(model: nn.Module, config) -> TokenPruner:
         model.model.get_image_features = _wrapper(pruned_image_features, model, model.model.get_image_features)
     model.qap_pruner = pruner
     return pruner
+
+
+def detach_pruner(model: nn.Module) -> None:
+    """Undo `attach_pruner`: the model runs on all visual tokens again (a no-op for a model that does not prune)."""
+    originals = model.__dict__.pop("_qap_original", None)
+    if originals is None:
+        return
+    for owner, name in ((model, "forward"), (model, "generate"), (model.model, "get_image_features")):
+        original = originals[name]
+        if getattr(original, "__func__", None) is getattr(type(owner), name):
+            del owner.__dict__[name]  # the class's own method again
+        else:
+            setattr(owner, name, original)  # a wrapper that was there before (e.g. accelerate's hooks)
+    del model.qap_pruner
 
 
 def last_selection(model: nn.Module) -> list[ImageSelection]:

@@ -25,6 +25,8 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # are not yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 17, "cuda": 17}
 INT4_MAX_TOKENS = {"cpu": 64, "cuda": 16}
+# activation dtypes the int4 kernels take (tinygemm on CUDA is bf16 only)
+INT4_DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16), "cuda": (torch.bfloat16,)}
 
 
 def int4_kernel_group_size(in_features: int, group_size: int | None, out_features: int) -> int | None:
@@ -73,7 +75,8 @@ def int4_weight_only_matmul(
 
 
 def int8_gemm_supported(w_bits: int, w_symmetric: bool, a_bits: int, a_granularity: str, a_symmetric: bool) -> bool:
-    """Whether centred weight and activation codes fit int8 for the integer GEMM (per-channel weights assumed)."""
+    """Whether centred weight and activation codes fit int8 for the integer GEMM (per-channel weights assumed;
+    `torch._int_mm` also needs both matrix sizes to be multiples of 8 on CUDA, which `QuantLinear` checks)."""
     def fits(bits: int, symmetric: bool) -> bool:
         return bits <= (8 if symmetric else 7)
 

@@ -247,10 +247,12 @@ class QuantLinear(nn.Module):
         device = x.device.type
         tokens = x.numel() // self.in_features
         if (tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")) and self.weight_group_size is None
+                and self.in_features % 8 == 0 and self.out_features % 8 == 0
                 and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_granularity,
                                                 spec.a_symmetric)):
             return "int8_gemm"
         if (tokens <= kernels.INT4_MAX_TOKENS.get(device, 0) and spec.w_bits == 4
+                and x.dtype in kernels.INT4_DTYPES.get(device, ())
                 and kernels.int4_kernel_group_size(self.in_features, self.weight_group_size, self.out_features)):
             return "int4_weight_only"
         return "simulated"

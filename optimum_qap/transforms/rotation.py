@@ -15,6 +15,7 @@ float32 in row blocks, so there is never a float32 copy of the model):
 
 The online transforms are forward pre-hooks rebuilt from the config by `attach_online_rotations` (nothing of them
 is saved); everything else is baked into the saved weights. Activations are quantized after the online transform.
+`fold_online_rotations` bakes them in as well, for a float model that needs no hooks (`model.dequantize()`).
 """
 
 from __future__ import annotations
@@ -156,3 +157,22 @@ def attach_online_rotations(model: nn.Module) -> None:
             return (rotation.apply(args[0]), *args[1:])
 
         setattr(module, ONLINE_HOOK, module.register_forward_pre_hook(rotate_input))
+
+
+def hooked_layers(model: nn.Module) -> set[str]:
+    """Names of the layers that carry an online input rotation."""
+    return {name for name, module in model.named_modules() if getattr(module, ONLINE_HOOK, None) is not None}
+
+
+@torch.no_grad()
+def fold_online_rotations(model: nn.Module, layers: set[str]) -> None:
+    """Fold the online input rotation Q of each named (float) layer into its weight, W <- W Qᵀ, and drop its hook:
+    (x Q) Wᵀ = x (W Qᵀ)ᵀ, so the layer computes the same with no transform at run time."""
+    for name, rotation in online_rotations(model).items():
+        if name not in layers:
+            continue
+        module = model.get_submodule(name)
+        hook = module.__dict__.pop(ONLINE_HOOK, None)
+        if hook is not None:
+            hook.remove()
+        _edit(module.weight.data, lambda w, rotation=rotation: rotation.apply(w, transpose=True))
