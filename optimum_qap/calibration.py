@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from tqdm.auto import tqdm
 
+from .progress import progress_bar, timed_phase
 from .quant.linear import QuantLinear, observing_inputs
 
 CALIBRATION_PROMPTS = (
@@ -123,7 +123,7 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
     token_stats = []
     recording = recording_visual_tokens(model, token_stats)
     with torch.no_grad(), observing_inputs(modules), pruning_disabled(model), recording:
-        for sample in tqdm(samples, desc="Calibrating", disable=not progress):
+        for sample in progress_bar(samples, "Calibrating", progress, unit="sample"):
             model(**model_inputs(model, processor, sample["image"], sample["text"]))
     seconds = time.perf_counter() - start
     if config is not None and not isinstance(config, dict):
@@ -176,9 +176,11 @@ def calibrate_from_config(model: nn.Module, processor, samples: list[dict]) -> N
     """Calibrate on the samples named by the config, then choose its "auto" values on the same samples."""
     from .pruning.auto import select_fusion
 
-    calibrate(model, processor, samples)
+    with timed_phase(model, "calibrate"):
+        calibrate(model, processor, samples)
     if model.config.quantization_config.needs_auto_selection:
-        select_fusion(model, processor, samples)
+        with timed_phase(model, "choose"):
+            select_fusion(model, processor, samples)
 
 
 def config_samples(model: nn.Module) -> tuple[object, list[dict]]:

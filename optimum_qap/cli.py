@@ -165,8 +165,29 @@ def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
 # ----------------------------------------------------------------------------- subcommands
 
 
+PHASE_NAMES = {
+    "rotate": "rotate (Hadamard)",
+    "quantize": "quantize (round to nearest)",
+    "gptq": "GPTQ",
+    "calibrate": "calibrate activations",
+    "choose": "choose {auto}",
+}
+
+
+def phase_lines(phases: dict[str, float], load_total: float, save: float, config: QAPrunerConfig) -> list[str]:
+    """One line per phase of `compress`: loading is what `from_pretrained` spent outside the timed phases."""
+    quantized_while_loading = config.quantizes_weights and not config.quantizes_after_loading
+    rows = {"load (quantized while loading)" if quantized_while_loading else "load": load_total - sum(phases.values())}
+    auto = "outlier slots" if config.fusion == "outlier_slots" else "alpha"
+    rows |= {PHASE_NAMES[name].format(auto=auto): seconds for name, seconds in phases.items()}
+    rows["save"] = save
+    width = max(map(len, rows))
+    return [f"    {name:<{width}}  {seconds:6.1f}" for name, seconds in rows.items()]
+
+
 def compress(args: argparse.Namespace) -> int:
     from .hub import _describe_pruning, _describe_quantization, model_card
+    from .progress import phase_seconds
     from .pruning.patch import visual_tokens_per_image
     from .pruning.selection import resolve_budget
 
@@ -179,10 +200,12 @@ def compress(args: argparse.Namespace) -> int:
     model = load_model(name, args, make_config(args, keep_ratio=args.keep_ratio, alpha=args.alpha, fusion=args.fusion))
     load_seconds = time.perf_counter() - start
     config: QAPrunerConfig = model.config.quantization_config
+    start = time.perf_counter()
     with atomic_output(output, folder=True) as temporary:
         model.save_pretrained(temporary)
         processor.save_pretrained(temporary)
         model_card(config).save(str(temporary / "README.md"))
+    timings = phase_lines(phase_seconds(model), load_seconds, time.perf_counter() - start, config)
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub, processor=processor)
 
@@ -207,7 +230,8 @@ def compress(args: argparse.Namespace) -> int:
             if (gptq := (calibration or {}).get("gptq"))
             else []
         ),
-        f"  Load + quantize: {load_seconds:.1f} s",
+        "  Seconds per phase:",
+        *timings,
         f"  Size (safetensors): {_size(before)} -> {_size(after)}"
         + (f" ({after / before:.2f}x)" if before and after else ""),
         f"  Wrote {output}: {files}",

@@ -12,6 +12,7 @@ from transformers.quantizers.base import HfQuantizer
 
 from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, read_headers
 from .config import QAPrunerConfig
+from .progress import progress_bar, timed_phase
 from .pruning.patch import attach_pruner
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_language_model
@@ -51,9 +52,11 @@ def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[s
     return selected
 
 
-def _swap_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module]) -> None:
+def _swap_linears(
+    model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module], progress: bool = False
+) -> None:
     """Replace each named linear by ``make(name, linear)``, one at a time (the old module is released each time)."""
-    for name in names:
+    for name in progress_bar(names, "Quantizing", progress and bool(names), unit="linear"):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, make(name, getattr(parent, child)))
@@ -75,7 +78,11 @@ def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: b
 
 
 def quantize_linears(
-    model: nn.Module, config: QAPrunerConfig, codes: dict | None = None, names: list[str] | None = None
+    model: nn.Module,
+    config: QAPrunerConfig,
+    codes: dict | None = None,
+    names: list[str] | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Replace the selected (or the given ``names``), still float `nn.Linear`s of a loaded model by `QuantLinear`s.
 
@@ -87,7 +94,7 @@ def quantize_linears(
     spec = QuantSpec.from_config(config)
     names = linear_names_to_quantize(model, config) if names is None else names
     codes = codes or {}
-    _swap_linears(model, names, lambda name, linear: QuantLinear.from_linear(linear, spec, codes.get(name)))
+    _swap_linears(model, names, lambda name, linear: QuantLinear.from_linear(linear, spec, codes.get(name)), progress)
     return names
 
 
@@ -185,13 +192,17 @@ class QAPrunerHfQuantizer(HfQuantizer):
 def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, samples) -> None:
     """Rotate (if asked), then quantize the float linears: GPTQ on the calibration samples, or RTN."""
     if config.rotation:
-        rotate_language_model(model, config.rotation_seed)
-        attach_online_rotations(model)
+        with timed_phase(model, "rotate"):
+            rotate_language_model(model, config.rotation_seed)
+            attach_online_rotations(model)
     if config.weight_method == "gptq" and config.quantizes_weights:
         from .transforms.gptq_model import gptq_quantize_model
 
-        gptq_quantize_model(model, processor, samples, config)  # the decoder layers
-    quantize_linears(model, config)  # what is left (a quantized projector or vision tower): round to nearest
+        with timed_phase(model, "gptq"):
+            gptq_quantize_model(model, processor, samples, config)  # the decoder layers
+    with timed_phase(model, "quantize"):
+        # what is left (all of it with RTN; a quantized projector or vision tower after GPTQ): round to nearest
+        quantize_linears(model, config, progress=True)
     if config.rotation:
         attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
 

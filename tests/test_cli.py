@@ -75,6 +75,11 @@ def test_compress_summary(tiny_repo, tmp_path, capsys):
     assert "model.safetensors (" in summary and "compact_processor" in summary
     saved = json.loads((output / "config.json").read_text())["quantization_config"]
     assert saved["calibration_summary"]["samples"] == 2
+    phases = summary[summary.index("  Seconds per phase:\n"):].splitlines()[1:8]
+    names = [line.rsplit(None, 1)[0].strip() for line in phases]
+    assert names == ["load", "rotate (Hadamard)", "GPTQ", "quantize (round to nearest)", "calibrate activations",
+                     "choose alpha", "save"]
+    assert all(float(line.split()[-1]) >= 0 for line in phases) and "Load + quantize" not in summary
 
 
 @pytest.mark.parametrize("fusion", ["weighted", "outlier_slots"])

@@ -165,3 +165,28 @@ def test_alpha_defaults_to_auto_when_calibration_samples_are_given(tiny_repo):
     )
     record = model.config.quantization_config.auto_selection
     assert record["samples"] == 2 and model.qap_pruner.alpha == record["alpha"]
+
+
+def count_runs(monkeypatch):
+    runs = []
+    original = optimum_qap.pruning.auto._tail_log_probs
+    monkeypatch.setattr(optimum_qap.pruning.auto, "_tail_log_probs", lambda m, s: runs.append(1) or original(m, s))
+    return runs
+
+
+@pytest.mark.parametrize(("planted", "computed_values"), [(False, 1), (True, 3)])
+def test_slot_sweep_skips_values_that_cannot_change_the_selection(tiny_repo, monkeypatch, planted, computed_values):
+    # without outliers every m keeps semantic top-K: only m=0 runs; with 2 outliers per image, m=4 keeps what m=2 does
+    model = load(tiny_repo, fusion="outlier_slots", slot_grid=[0, 1, 2, 4], rotation=False)
+    samples = [{"image": tiny.noise_image(i), "text": "what colors ?"} for i in range(2)]
+    handle = plant_outliers(model) if planted else None
+    runs = count_runs(monkeypatch)
+    skipping = optimum_qap.select_fusion(model, tiny.tiny_processor(), samples, progress=False)
+    assert len(runs) == 2 + 2 * computed_values  # the unpruned references, then the values that can differ
+    monkeypatch.setattr(optimum_qap.pruning.auto.SlotEquivalence, "key", lambda self, value, index: None)
+    runs.clear()
+    full = optimum_qap.select_fusion(model, tiny.tiny_processor(), samples, progress=False)
+    assert len(runs) == 2 + 2 * 4
+    if handle is not None:
+        handle.remove()
+    assert skipping["slot_curve"] == full["slot_curve"] and skipping["outlier_slots"] == full["outlier_slots"]
