@@ -162,7 +162,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
         return None, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .calibration import calibrate_from_config, config_samples
+        from .calibration import calibrate, config_samples
         from .hub import push_to_hub
 
         config = self.quantization_config
@@ -178,7 +178,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
         if config.prunes:
             attach_pruner(model, config)
         if calibrating:
-            calibrate_from_config(model, processor, samples)
+            calibrate(model, processor, samples)
         return model
 
     def is_serializable(self) -> bool:

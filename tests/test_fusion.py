@@ -26,8 +26,6 @@ def inputs(seed=0):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"alpha": "auto"}, r"QAPrunerConfig\.calibration=None.*alpha=\"auto\""),
-        ({"fusion": "outlier_slots", "outlier_slots": 2}, r"QAPrunerConfig\.calibration=None.*outlier_slots"),
         ({"alpha_grid": [0.5, 1.5], "calibration": "builtin"}, r"QAPrunerConfig\.alpha_grid=1\.5"),
         ({"alpha_grid": []}, r"QAPrunerConfig\.alpha_grid=\[\]"),
         ({"outlier_slots": 9, "keep_tokens": 8}, r"outlier_slots=9.*cannot exceed keep_tokens=8"),
@@ -165,6 +163,28 @@ def test_alpha_defaults_to_auto_when_calibration_samples_are_given(tiny_repo):
     )
     record = model.config.quantization_config.auto_selection
     assert record["samples"] == 2 and model.qap_pruner.alpha == record["alpha"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"alpha": "auto"}, r'alpha="auto" has not been chosen yet: call optimum_qap.calibrate\(model, processor'),
+        ({"fusion": "outlier_slots", "outlier_slots": 2}, r"needs calibrated token statistics: call optimum_qap.cal"),
+        ({"fusion": "outlier_slots"}, r"needs calibrated token statistics"),
+    ],
+)
+def test_settings_that_need_calibration_load_without_it_and_one_calibrate_call_finishes_them(
+    tiny_repo, settings, message
+):
+    model = load(tiny_repo, calibration=None, **settings)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs())
+    optimum_qap.calibrate(model, tiny.tiny_processor(), [tiny.noise_image(i) for i in range(2)], progress=False)
+    config = model.config.quantization_config
+    assert config.token_statistics["tokens"] == 2 * 16 and config.calibration_summary["samples"] == 2
+    assert (config.auto_selection is not None) == ("auto" in (config.alpha, config.outlier_slots))
+    model(**inputs())
+    assert len(last_selection(model)[0].kept) == 4
 
 
 def count_runs(monkeypatch):

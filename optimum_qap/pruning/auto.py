@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..calibration import model_inputs
+from ..calibration_data import to_samples
 from ..progress import progress_bar
 from .patch import TokenPruner, pruning_disabled, visual_tokens_per_image
 
@@ -147,7 +148,7 @@ def choose(scores: dict[str, list[float]], baseline: str) -> str:
 def select_fusion(
     model: nn.Module,
     processor,
-    samples: Iterable[dict],
+    samples,
     reference_model: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
@@ -165,7 +166,8 @@ def select_fusion(
     if pruner is None:
         raise ValueError("select_fusion() needs a model that prunes: load it with QAPrunerConfig(keep_ratio<1).")
     config = pruner.config
-    prepared = prepare_samples(model, processor, list(samples)[: config.auto_max_samples], config.auto_criterion)
+    samples = to_samples(samples, config.auto_max_samples)[: config.auto_max_samples]  # any calibration form
+    prepared = prepare_samples(model, processor, samples, config.auto_criterion)
     if not prepared:
         raise ValueError("select_fusion() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
     reference = reference_model if reference_model is not None else model

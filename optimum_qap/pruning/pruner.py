@@ -151,8 +151,8 @@ class TokenPruner:
         chosen = (self.config.auto_selection or {}).get(name)
         if chosen is None:
             raise ValueError(
-                f'QAPrunerConfig.{name}="auto" has not been chosen yet: call optimum_qap.select_fusion(model, '
-                "processor, samples), or load with calibration samples."
+                f'QAPrunerConfig.{name}="auto" has not been chosen yet: call optimum_qap.calibrate(model, processor, '
+                "samples) or optimum_qap.select_fusion(model, processor, samples), or load with calibration samples."
             )
         return chosen
 
@@ -162,7 +162,9 @@ class TokenPruner:
         stats = self.config.token_statistics
         if not stats:
             raise ValueError(
-                'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: run optimum_qap.calibrate.'
+                'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: call '
+                'optimum_qap.calibrate(model, processor, samples) (it also chooses "auto" values), or load with '
+                "calibration samples."
             )
         cfg = self.config
         error = group_quant_error(tokens, cfg.sensitivity_group_size, cfg.scoring_bits)
