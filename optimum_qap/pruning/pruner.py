@@ -126,6 +126,15 @@ class TokenPruner:
     def last(self, selections: list[ImageSelection]) -> None:
         self._local.last = selections
 
+    @property
+    def last_positions(self) -> torch.Tensor | None:
+        """This thread's last pruned call: the caller's input position of each position the outputs cover."""
+        return getattr(self._local, "positions", None)
+
+    @last_positions.setter
+    def last_positions(self, positions: torch.Tensor) -> None:
+        self._local.positions = positions
+
     # set while "auto" values are being chosen (optimum_qap.select_fusion); per thread
     alpha_override = call_state.PerThreadOverride("alpha")
     slots_override = call_state.PerThreadOverride("outlier_slots")
