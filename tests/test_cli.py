@@ -294,3 +294,14 @@ def test_version_and_auto_in_any_case(capsys):
     assert alpha_or_auto("Auto") == alpha_or_auto(" AUTO ") == "auto" and alpha_or_auto("0.5") == 0.5
     assert main(["eval", "--alphas", "0.7,x"]) == 2
     assert "(or auto)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["compress"], ["eval"], ["visualize"]])
+def test_an_unwritable_output_fails_before_anything_loads(command, tmp_path, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded before the output was checked")
+
+    for name in ("check_llava", "load_processor", "load_model"):
+        monkeypatch.setattr(optimum_qap.cli, name, must_not_run)
+    assert main([*command, "--output", str(tmp_path / "missing" / "out")]) == 2
+    assert f"cannot write {tmp_path / 'missing' / 'out'}: folder" in capsys.readouterr().err
