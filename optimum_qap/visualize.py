@@ -28,7 +28,7 @@ FONT_SIZE = 13
 LINE = 17  # pixels per text line
 TITLE_LINES = 3
 TITLE_HEIGHT = TITLE_LINES * LINE + MARGIN
-CAPTION_HEIGHT = LINE + 4
+CAPTION_HEIGHT = 2 * LINE + 4  # two lines: what the panel is, then its details
 STRIP_HEIGHT = 2 * LINE + 6  # the legend under the top row, the colour bar under the bottom row
 MIN_PANEL = 256  # panels are at least this many pixels wide, so that small model inputs stay readable
 PRUNED_FADE = 0.75  # how far a pruned patch is blended towards white
@@ -127,6 +127,13 @@ def _title(prompt: str, kept: int, total: int, width: int, font) -> list[str]:
     return [*lines, f"{kept} of {total} visual tokens reach the language model ({100 * kept / total:.1f} %)"]
 
 
+def _fit(text: str, width: int, font) -> str:
+    """``text`` cut (with "...") to ``width`` pixels, so that a caption never runs into the next panel."""
+    while font.getlength(text) > width and len(text) > 4:
+        text = text[:-4].rstrip() + "..."
+    return text
+
+
 def _legend(draw: ImageDraw.ImageDraw, x: int, y: int, font) -> None:
     """Swatches saying what full colour and faded patches mean."""
     faded = tuple(round(c + PRUNED_FADE * (b - c)) for c, b in zip((60, 120, 200), BACKGROUND, strict=True))
@@ -149,7 +156,9 @@ def _colour_bar(figure: Image.Image, box: tuple[int, int, int, int], font) -> No
     draw.text((x1 - font.getlength("high"), y0 + 16), "high", fill=INK, font=font)
 
 
-def compose(title: Sequence[str], panels: Sequence[Image.Image], captions: Sequence[str]) -> Image.Image:
+def compose(
+    title: Sequence[str], panels: Sequence[Image.Image], captions: Sequence[tuple[str, str]]
+) -> Image.Image:
     """Title, two selection panels with a legend, two heat maps with a colour bar, on a white figure."""
     side = panels[0].width
     figure, font = Image.new("RGB", figure_size(side), BACKGROUND), _font()
@@ -158,7 +167,8 @@ def compose(title: Sequence[str], panels: Sequence[Image.Image], captions: Seque
         draw.text((MARGIN, MARGIN // 2 + line * LINE), text, fill=INK, font=font)
     for index, (panel, caption) in enumerate(zip(panels, captions, strict=True)):
         x, y, _, _ = panel_box(index, side)
-        draw.text((x, y - CAPTION_HEIGHT + 2), caption, fill=INK, font=font)
+        for line, text in enumerate(caption):
+            draw.text((x, y - CAPTION_HEIGHT + 2 + line * LINE), _fit(text, side, font), fill=INK, font=font)
         figure.paste(panel, (x, y))
     _legend(draw, MARGIN, panel_box(0, side)[3] + 4, font)
     left, right = panel_box(2, side), panel_box(3, side)
@@ -178,12 +188,11 @@ def contrast_config(config: QAPrunerConfig, chosen: dict) -> tuple[str, QAPruner
 
 
 def _selection_label(config: QAPrunerConfig, chosen: dict) -> str:
-    auto = " chosen" if config.auto_selection else ""
     if "outlier_slots" in chosen:
-        return f"model's selection: {chosen['outlier_slots']}{auto} outlier slots"
-    if chosen["alpha"] == 1.0:
-        return f"model's selection: semantic only (alpha=1{auto})"
-    return f"model's selection: QAPruner (alpha={chosen['alpha']:g}{auto})"
+        slots = chosen["outlier_slots"]
+        return f'outlier_slots="auto" chose {slots}' if config.outlier_slots == "auto" else f"{slots} outlier slots"
+    alpha = f'alpha="auto" chose {chosen["alpha"]:g}' if config.alpha == "auto" else f"alpha={chosen['alpha']:g}"
+    return f"semantic only ({alpha})" if chosen["alpha"] == 1.0 else f"QAPruner ({alpha})"
 
 
 def _run(model: nn.Module, config: QAPrunerConfig, inputs: dict) -> tuple[dict, ImageSelection]:
@@ -216,10 +225,10 @@ def visualize_selection(model: nn.Module, processor, image, prompt: str, config:
     view = view.resize((side, side), Image.Resampling.BICUBIC)
     shared = len(set(own.kept.tolist()) & set(other.kept.tolist()))
     captions = (
-        picks[0].label,
-        f"{picks[1].label}: {shared} of {len(own.kept)} the same",
-        f"S^P: semantic relevance ({config.semantic})",
-        "S^Q: quantization sensitivity",
+        ("the model's selection:", picks[0].label),
+        (f"for contrast, {picks[1].label}:", f"{shared} of its {len(other.kept)} tokens the same"),
+        ("S^P: semantic relevance", f"({config.semantic})"),
+        ("S^Q: quantization sensitivity", f"({config.error_weight:g} x group error + {config.range_weight:g} x range)"),
     )
     panels = (
         *(kept_map(view, pick.image.kept, grid) for pick in picks),
