@@ -10,8 +10,10 @@ from .calibration import builtin_calibration_samples, calibrate, outlier_report
 from .config import QUANT_METHOD, QAPrunerConfig
 from .pruning import (
     ImageSelection,
+    aligned_to_input,
     attach_pruner,
     compact_processor,
+    last_positions,
     last_selection,
     pruning_disabled,
     select_fusion,
@@ -40,11 +42,13 @@ _register()
 
 __all__ = [
     "ImageSelection",
+    "aligned_to_input",
     "attach_pruner",
     "builtin_calibration_samples",
     "cache_dequantized_weights",
     "calibrate",
     "compact_processor",
+    "last_positions",
     "last_selection",
     "outlier_report",
     "pruning_disabled",

@@ -6,23 +6,17 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 from torch import nn
-from tqdm.auto import tqdm
 
+from .calibration_data import CALIBRATION_PROMPTS, IN_MEMORY, is_serializable, to_samples
+from .progress import progress_bar, timed_phase
 from .quant.linear import QuantLinear, observing_inputs
-
-CALIBRATION_PROMPTS = (
-    "Describe the image in detail.",
-    "What objects are in this picture and where are they?",
-    "What colors do you see?",
-    "How many shapes are there in the image?",
-)
 
 
 @dataclass
@@ -96,18 +90,34 @@ def model_inputs(model: nn.Module, processor, image, text: str) -> dict[str, tor
     return to_model(model, inputs)
 
 
-def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bool = True):
-    """Record per-channel input ranges of every quantized layer over image + prompt ``samples``.
+def calibrate(model: nn.Module, processor, samples, progress: bool = True):
+    """Record per-channel input ranges of every quantized layer over image + prompt ``samples``, then choose the
+    config's "auto" values (`select_fusion`) on the same samples when they have not been chosen yet.
 
-    Each sample is ``{"image": PIL image or path, "text": prompt}``. Runs one sample at a time (no padding
-    tokens pollute the ranges), with quantized weights and unquantized activations, and without token pruning.
-    Also records the medians of the visual tokens' range and group-quantization error (the reference for
-    `fusion="outlier_slots"`). Replaces earlier calibration. Returns `outlier_report(model)` (empty for a model
-    that prunes without quantizing).
+    ``samples`` takes every form `QAPrunerConfig.calibration` does (`optimum_qap.calibration_data`): dicts
+    ``{"image": PIL image or path, "text": prompt}``, PIL images, chat conversations, or a `datasets.Dataset`
+    (its first ``num_calibration_samples`` rows). Runs one sample at a time (no padding tokens pollute the
+    ranges), with quantized weights and unquantized activations, and without token pruning. Also records the
+    medians of the visual tokens' range and group-quantization error (the reference for `fusion="outlier_slots"`).
+    Replaces earlier calibration. So a model loaded without `calibration` (e.g. from a checkpoint without processor
+    files) is finished by this one call. Returns `outlier_report(model)` (empty for a model that prunes without
+    quantizing).
 
     Example:
         >>> report = optimum_qap.calibrate(model, processor, optimum_qap.builtin_calibration_samples(8))
     """
+    with timed_phase(model, "calibrate"):
+        samples, report = _record_ranges(model, processor, samples, progress)
+    config = getattr(model.config, "quantization_config", None)
+    if getattr(config, "needs_auto_selection", False) and hasattr(model, "qap_pruner"):
+        from .pruning.auto import select_fusion
+
+        with timed_phase(model, "choose"):
+            select_fusion(model, processor, samples, progress=progress)
+    return report
+
+
+def _record_ranges(model: nn.Module, processor, samples, progress: bool) -> tuple[list[dict], dict]:
     from .pruning.patch import pruning_disabled
 
     modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -116,23 +126,25 @@ def calibrate(model: nn.Module, processor, samples: Iterable[dict], progress: bo
         raise ValueError(
             "calibrate() needs a model loaded with QAPrunerConfig; this one has no QuantLinear layer and no pruner."
         )
-    samples = list(samples)
+    limit = getattr(config, "num_calibration_samples", 32)
+    samples = to_samples(samples, limit)
     if not samples:
         raise ValueError("calibrate() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
     start = time.perf_counter()
     token_stats = []
     recording = recording_visual_tokens(model, token_stats)
     with torch.no_grad(), observing_inputs(modules), pruning_disabled(model), recording:
-        for sample in tqdm(samples, desc="Calibrating", disable=not progress):
+        for sample in progress_bar(samples, "Calibrating", progress, unit="sample"):
             model(**model_inputs(model, processor, sample["image"], sample["text"]))
     seconds = time.perf_counter() - start
     if config is not None and not isinstance(config, dict):
         source = config.calibration if isinstance(config.calibration, str) else "user samples"
+        source = IN_MEMORY if not is_serializable(config.calibration) else source
         # GPTQ's record (made before activation calibration, on the same samples) stays with the weights it describes
         gptq = {"gptq": config.calibration_summary["gptq"]} if "gptq" in (config.calibration_summary or {}) else {}
         config.calibration_summary = {"samples": len(samples), "source": source, "seconds": round(seconds, 2), **gptq}
         config.token_statistics = visual_token_statistics(token_stats, config, model)
-    return outlier_report(model) if modules else {}
+    return samples, outlier_report(model) if modules else {}
 
 
 @contextlib.contextmanager
@@ -172,27 +184,20 @@ def visual_token_statistics(
     }
 
 
-def calibrate_from_config(model: nn.Module, processor, samples: list[dict]) -> None:
-    """Calibrate on the samples named by the config, then choose its "auto" values on the same samples."""
-    from .pruning.auto import select_fusion
-
-    calibrate(model, processor, samples)
-    if model.config.quantization_config.needs_auto_selection:
-        select_fusion(model, processor, samples)
-
-
 def config_samples(model: nn.Module) -> tuple[object, list[dict]]:
     """The model's processor and the calibration samples its config names."""
     from transformers import AutoProcessor
 
     config = model.config.quantization_config
+    if config.processor is not None:
+        return config.processor, named_samples(config)
     try:
         processor = AutoProcessor.from_pretrained(model.config.name_or_path)
     except (OSError, ValueError) as error:
         raise ValueError(
             f"QAPrunerConfig.calibration needs the processor of {model.config.name_or_path!r} to build inputs, "
-            f"but it could not be loaded ({error}); load the model without `calibration` and call "
-            "`optimum_qap.calibrate(model, processor, samples)` instead."
+            f"but it could not be loaded ({error}); pass it as QAPrunerConfig(..., processor=processor), or load the "
+            "model without `calibration` and call `optimum_qap.calibrate(model, processor, samples)`."
         ) from error
     return processor, named_samples(config)
 
@@ -201,7 +206,7 @@ def named_samples(config) -> list[dict]:
     """The calibration samples a QAPrunerConfig names: the built-in ones, or its own list."""
     if config.calibration == "builtin":
         return builtin_calibration_samples(config.num_calibration_samples)
-    return list(config.calibration or [])
+    return to_samples(config.calibration or [], config.num_calibration_samples)
 
 
 def outlier_report(model: nn.Module, outlier_ratio: float | None = None) -> dict[str, LayerOutliers]:

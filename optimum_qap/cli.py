@@ -1,114 +1,26 @@
-"""`optimum-qap`: compress a LLaVA model, evaluate compressed settings, draw which visual tokens are kept.
-
-    optimum-qap compress [MODEL] [--w-bits 4 --a-bits 4 --granularity per_token --keep-ratio 0.125 ...]
-    optimum-qap eval [MODEL] [--dataset demo|scienceqa|pope --keep-ratios 0.5,0.25,0.125 --alphas 0.7 ...]
-    optimum-qap visualize IMAGE [MODEL] --prompt TEXT [--output kept.png --keep-ratio --alpha]
-
-MODEL is a local folder or a Hub id and defaults to the shipped shapes-VQA demo model. A user error prints one line
-on stderr and exits with status 2; outputs are written under a temporary name beside the target and renamed into
-place, so a failed run leaves nothing half-written.
-"""
+"""The subcommands of `optimum-qap` (its argument parser is `optimum_qap_cli`, which imports this module once the
+arguments are parsed)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
+import optimum_qap_cli
+from optimum_qap_cli import CliError
+from optimum_qap_cli import first_line as _first_line
+
 from .atomic import atomic_output
-from .config import (
-    ACTIVATION_BITS,
-    ACTIVATION_GRANULARITIES,
-    DEFAULT_ALPHA,
-    SEMANTIC_SCORES,
-    STATIC_GRANULARITIES,
-    WEIGHT_BITS,
-    WEIGHT_METHODS,
-    QAPrunerConfig,
-)
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-class CliError(Exception):
-    """A user error: printed as one line on stderr, exit status 2."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of usage + message
-        raise CliError(f"{message} (see `{self.prog} --help`)")
-
-
-# ----------------------------------------------------------------------------- argument types
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}")
-    return value
-
-
-def keep_ratio(text: str) -> float:
-    value = _float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"a keep ratio must be in (0, 1], got {text}")
-    return value
-
-
-def alpha(text: str) -> float:
-    value = _float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"alpha must be in [0, 1], got {text}")
-    return value
-
-
-def alpha_or_auto(text: str) -> float | str:
-    if text.strip().lower() == "auto":
-        return "auto"
-    try:
-        return alpha(text)
-    except argparse.ArgumentTypeError as error:
-        raise argparse.ArgumentTypeError(f"{error} (or auto)") from error
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def comma_list(item: Callable[[str], float]) -> Callable[[str], list[float]]:
-    def parse(text: str) -> list[float]:
-        values = [item(part.strip()) for part in text.split(",") if part.strip()]
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        return values
-
-    return parse
-
+from .config import STATIC_GRANULARITIES, QAPrunerConfig
 
 # ----------------------------------------------------------------------------- models, files
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def resolve_model(name: str | None) -> str:
@@ -192,6 +104,18 @@ def open_image(path: str) -> Image.Image:
         raise CliError(f"cannot read image {path}: {_first_line(error)}") from error
 
 
+def image_and_prompt(path: str | None, prompt: str | None) -> tuple[Image.Image, str]:
+    """The image at ``path`` with ``prompt``; without a path, a shipped demo image and its question (or ``prompt``)."""
+    if path is not None:
+        if prompt is None:
+            raise CliError("--prompt is required with an IMAGE (the question asked about it)")
+        return open_image(path), prompt
+    from .demo import make_dataset
+
+    example = make_dataset(1, "test")[0]
+    return example.image, prompt or example.question
+
+
 def safetensors_bytes(name: str | Path) -> int | None:
     """Bytes of the *.safetensors files of a local folder, or of a Hub model's cached snapshot (None if unknown)."""
     folder = Path(name)
@@ -241,8 +165,29 @@ def make_config(args: argparse.Namespace, **fields: Any) -> QAPrunerConfig:
 # ----------------------------------------------------------------------------- subcommands
 
 
+PHASE_NAMES = {
+    "rotate": "rotate (Hadamard)",
+    "quantize": "quantize (round to nearest)",
+    "gptq": "GPTQ",
+    "calibrate": "calibrate activations",
+    "choose": "choose {auto}",
+}
+
+
+def phase_lines(phases: dict[str, float], load_total: float, save: float, config: QAPrunerConfig) -> list[str]:
+    """One line per phase of `compress`: loading is what `from_pretrained` spent outside the timed phases."""
+    quantized_while_loading = config.quantizes_weights and not config.quantizes_after_loading
+    rows = {"load (quantized while loading)" if quantized_while_loading else "load": load_total - sum(phases.values())}
+    auto = "outlier slots" if config.fusion == "outlier_slots" else "alpha"
+    rows |= {PHASE_NAMES[name].format(auto=auto): seconds for name, seconds in phases.items()}
+    rows["save"] = save
+    width = max(map(len, rows))
+    return [f"    {name:<{width}}  {seconds:6.1f}" for name, seconds in rows.items()]
+
+
 def compress(args: argparse.Namespace) -> int:
     from .hub import _describe_pruning, _describe_quantization, model_card
+    from .progress import phase_seconds
     from .pruning.patch import visual_tokens_per_image
     from .pruning.selection import resolve_budget
 
@@ -255,10 +200,12 @@ def compress(args: argparse.Namespace) -> int:
     model = load_model(name, args, make_config(args, keep_ratio=args.keep_ratio, alpha=args.alpha, fusion=args.fusion))
     load_seconds = time.perf_counter() - start
     config: QAPrunerConfig = model.config.quantization_config
+    start = time.perf_counter()
     with atomic_output(output, folder=True) as temporary:
         model.save_pretrained(temporary)
         processor.save_pretrained(temporary)
         model_card(config).save(str(temporary / "README.md"))
+    timings = phase_lines(phase_seconds(model), load_seconds, time.perf_counter() - start, config)
     if args.push_to_hub:
         model.push_to_hub(args.push_to_hub, processor=processor)
 
@@ -283,7 +230,8 @@ def compress(args: argparse.Namespace) -> int:
             if (gptq := (calibration or {}).get("gptq"))
             else []
         ),
-        f"  Load + quantize: {load_seconds:.1f} s",
+        "  Seconds per phase:",
+        *timings,
         f"  Size (safetensors): {_size(before)} -> {_size(after)}"
         + (f" ({after / before:.2f}x)" if before and after else ""),
         f"  Wrote {output}: {files}",
@@ -340,10 +288,12 @@ def evaluate(args: argparse.Namespace) -> int:
 def visualize(args: argparse.Namespace) -> int:
     from .visualize import visualize_selection
 
+    if args.model is None and args.image is not None and Path(args.image).is_dir():  # `visualize MODEL`: demo image
+        args.model, args.image = args.image, None
     name = resolve_model(args.model)
     output = Path(args.output)
     check_output(output)
-    image = open_image(args.image)
+    image, prompt = image_and_prompt(args.image, args.prompt)
     check_llava(name, allow_quantized=True)
     processor = load_processor(name)
     model = load_model(name, args, None)
@@ -354,141 +304,15 @@ def visualize(args: argparse.Namespace) -> int:
     if args.keep_ratio is not None:
         changes["keep_tokens"] = None
     config = QAPrunerConfig.from_dict({**base, **changes})
-    figure = visualize_selection(model, processor, image, args.prompt, config)
+    figure = visualize_selection(model, processor, image, prompt, config)
     with atomic_output(output) as temporary:
         figure.save(temporary, format="PNG")
-    alpha = (config.auto_selection or {}).get("alpha", config.alpha)  # an "auto" alpha prints its chosen value
-    print(f"Wrote {output} ({figure.width}x{figure.height}): kept tokens at alpha=1 and {alpha:g}, S^P, S^Q")
+    print(f"Wrote {output} ({figure.width}x{figure.height}) for {prompt!r}: the model's kept tokens beside a contrast, "
+          "S^P and S^Q")
     return 0
 
 
-# ----------------------------------------------------------------------------- parser
-
-
-def _model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (default: the checkpoint's)")
-    parser.add_argument("--device", help="device to run on, e.g. cuda or cpu (default: cuda when available)")
-
-
-def _quant_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--w-bits", type=int, choices=WEIGHT_BITS, default=4, help="weight bits (default 4)")
-    parser.add_argument("--a-bits", type=int, choices=ACTIVATION_BITS, default=4, help="activation bits (default 4)")
-    parser.add_argument(
-        "--granularity",
-        choices=ACTIVATION_GRANULARITIES,
-        default="per_token",
-        help="activation quantization granularity (static ones are calibrated)",
-    )
-    parser.add_argument(
-        "--no-rotation", action="store_true", help="quantize without the Hadamard rotation (plain RTN W4A4 of format 1)"
-    )
-    parser.add_argument(
-        "--weight-method",
-        choices=WEIGHT_METHODS,
-        help="rtn or gptq (default: gptq when calibrating, else rtn; gptq calibrates on built-in samples)",
-    )
-    parser.add_argument("--semantic", choices=SEMANTIC_SCORES, default="cls_attention", help="semantic score S^P")
-    parser.add_argument(
-        "--clip-text-model",
-        metavar="ID",
-        help="with --semantic cdpruner: a CLIP checkpoint whose text tower reads the instruction (CDPruner's original)",
-    )
-    parser.add_argument(
-        "--calib-samples",
-        type=positive_int,
-        metavar="N",
-        help="calibrate on this many built-in samples (default: 32 when calibrating, e.g. for static granularities)",
-    )
-    _model_options(parser)
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("optimum-qap")
-    except PackageNotFoundError:  # run from a source tree that was not installed
-        return "unknown"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="optimum-qap", description="QAPruner: W4A4 LLaVA with quantization-aware token pruning.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{compress,eval,visualize}")
-    model_help = "local folder or Hub id of a LLaVA model (default: the shipped demo model)"
-
-    p = commands.add_parser("compress", help="quantize + attach pruning, save model and processor")
-    p.add_argument("model", nargs="?", help=model_help)
-    _quant_options(p)
-    p.add_argument("--keep-ratio", type=keep_ratio, default=0.125, help="share of visual tokens kept (0.125)")
-    p.add_argument(
-        "--alpha",
-        type=alpha_or_auto,
-        help=f'S = alpha S^P + (1 - alpha) S^Q; "auto" chooses it on the calibration samples (default: "auto" when '
-        f"calibrating, else {DEFAULT_ALPHA})",
-    )
-    p.add_argument(
-        "--fusion",
-        choices=("weighted", "outlier_slots"),
-        default="weighted",
-        help="weighted (the paper's S) or outlier_slots (m slots for calibrated outlier tokens, m auto)",
-    )
-    p.add_argument("--output", metavar="DIR", help="output folder (default: <model name>-qap)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--push-to-hub", metavar="REPO", help="also upload to this Hub repo")
-    p.set_defaults(handler=compress)
-
-    p = commands.add_parser("eval", help="accuracy table: FP, W4A4, random / semantic / QAPruner pruning")
-    p.add_argument("model", nargs="?", help=model_help)
-    p.add_argument(
-        "--dataset",
-        choices=("demo", "scienceqa", "pope"),
-        default="demo",
-        help="demo (shapes VQA), scienceqa (lmms-lab/ScienceQA, ScienceQA-IMG) or pope (lmms-lab/POPE)",
-    )
-    p.add_argument("--data-file", metavar="PATH", help="local parquet/jsonl file in the same schema (not the Hub)")
-    p.add_argument("--limit", type=positive_int, metavar="N", help="first N questions (default: all; 200 for demo)")
-    p.add_argument(
-        "--keep-ratios",
-        type=comma_list(keep_ratio),
-        default=[0.5, 0.25, 0.125],
-        metavar="R1,R2,...",
-        help="keep ratios of the pruned rows (default 0.5,0.25,0.125)",
-    )
-    p.add_argument(
-        "--alphas",
-        type=comma_list(alpha_or_auto),
-        default=[DEFAULT_ALPHA],
-        metavar="A1,A2,...",
-        help=f'QAPruner alphas, one row each per keep ratio; "auto" lets the model choose (default {DEFAULT_ALPHA})',
-    )
-    _quant_options(p)
-    p.add_argument("--batch-size", type=positive_int, default=8, help="questions per generate call (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-selection baseline")
-    p.add_argument("--output", metavar="JSON", help="write the rows (with predictions) to this JSON file")
-    p.set_defaults(handler=evaluate)
-
-    p = commands.add_parser("visualize", help="PNG of the tokens kept by the semantic pruner and by QAPruner")
-    p.add_argument("image", help="image file")
-    p.add_argument("model", nargs="?", help=model_help)
-    p.add_argument("--prompt", required=True, help="the question asked about the image")
-    p.add_argument("--output", default="kept.png", help="PNG to write (default kept.png)")
-    p.add_argument("--keep-ratio", type=keep_ratio, help="share of visual tokens kept (default: the model's or 0.125)")
-    p.add_argument("--alpha", type=alpha, help="QAPruner's alpha (default: the model's or QAPrunerConfig's)")
-    p.add_argument("--semantic", choices=SEMANTIC_SCORES, help="semantic score S^P (default cls_attention)")
-    _model_options(p)
-    p.set_defaults(handler=visualize)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `optimum-qap` console script; returns the exit status."""
-    try:
-        args = build_parser().parse_args(argv)
-        return args.handler(args)
-    except (CliError, ImportError, OSError, ValueError) as error:
-        print(f"optimum-qap: error: {_first_line(error)}", file=sys.stderr)
-        return 2
+main = optimum_qap_cli.main  # `python -m optimum_qap.cli`, and callers of optimum_qap.cli.main
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .calibration_data import is_serializable, saved_form
 from .config_checks import (
     check_bool,
     check_calibration,
@@ -64,9 +65,12 @@ class QAPrunerConfig(QuantizationConfigMixin):
         a_symmetric: symmetric activations instead of asymmetric min-max.
         quantize_projector / quantize_vision_tower: also quantize the multimodal projector / the vision tower.
         modules_to_not_convert: module names (or name suffixes) left in full precision; lm_head always is.
-        calibration: None, "builtin" or a list of {"image": path, "text": prompt}; when set, `from_pretrained`
-            calibrates activation ranges and outlier statistics on these samples.
-        num_calibration_samples: how many "builtin" samples to use (32: enough for the "auto" choices too).
+        calibration: None, "builtin", a list of {"image": PIL image or path, "text": prompt} dicts, of PIL images or
+            of chat conversations, or a `datasets.Dataset` with image and text columns (optimum_qap.calibration_data);
+            when set, `from_pretrained` GPTQs the weights and calibrates activation ranges, outlier statistics and
+            "auto" values on these samples. In-memory samples are not saved: config.json says "in_memory".
+        num_calibration_samples: how many "builtin" samples (or rows of a dataset) to use (32: enough for the "auto"
+            choices too).
         outlier_ratio: a channel whose calibrated absolute maximum exceeds this multiple of the layer's median
             channel is reported as an outlier channel.
 
@@ -116,6 +120,10 @@ class QAPrunerConfig(QuantizationConfigMixin):
             unrotated basis, as the paper does. "quantizer": what the first decoder layer's quantizer sees, the
             tokens after its RMSNorm (and after the rotation, when `rotation` is on).
 
+    Loading only (keyword, not saved):
+        processor: the processor that turns calibration samples into model inputs, for checkpoints that hold none
+            (default: `AutoProcessor.from_pretrained` of the checkpoint).
+
     Provenance (filled in by optimum-qap, shown in the model card):
         base_model: the model id the weights were quantized from.
         calibration_summary: what calibration ran on (sample count, source, seconds).
@@ -140,7 +148,7 @@ class QAPrunerConfig(QuantizationConfigMixin):
         quantize_projector: bool = False,
         quantize_vision_tower: bool = False,
         modules_to_not_convert: list[str] | None = None,
-        calibration: str | list[dict[str, str]] | None = None,
+        calibration: Any = None,
         num_calibration_samples: int = 32,
         outlier_ratio: float = 20.0,
         rotation: bool = True,
@@ -172,6 +180,8 @@ class QAPrunerConfig(QuantizationConfigMixin):
         token_statistics: dict[str, float] | None = None,
         auto_selection: dict[str, Any] | None = None,
         format_version: int = FORMAT_VERSION,
+        *,
+        processor: Any = None,
     ):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
@@ -185,7 +195,13 @@ class QAPrunerConfig(QuantizationConfigMixin):
         self.quantize_projector = quantize_projector
         self.quantize_vision_tower = quantize_vision_tower
         self.modules_to_not_convert = copy.deepcopy(modules_to_not_convert)
-        self.calibration = copy.deepcopy(calibration)
+        # in-memory samples (images, datasets) are kept as given, never copied; config.json records "in_memory"
+        self.calibration = (
+            copy.deepcopy(calibration)
+            if is_serializable(calibration)
+            else list(calibration) if isinstance(calibration, list) else calibration
+        )
+        self.processor = processor
         self.num_calibration_samples = num_calibration_samples
         self.outlier_ratio = outlier_ratio
         self.rotation = rotation
@@ -304,20 +320,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
             value = getattr(self, field)
             if value is not None and not is_json_object(value):
                 raise invalid(field, value, "expected a JSON object or None")
-        if self.needs_auto_selection and self.calibration is None:
-            raise invalid(
-                "calibration",
-                self.calibration,
-                'alpha="auto" and outlier_slots="auto" choose their value on calibration samples: pass '
-                'calibration="builtin" or a list of samples, or call optimum_qap.select_fusion(...) after loading',
-            )
-        if self.prunes and self.fusion == "outlier_slots" and self.calibration is None and not self.token_statistics:
-            raise invalid(
-                "calibration",
-                self.calibration,
-                'fusion="outlier_slots" compares tokens with calibrated token statistics: pass calibration="builtin" '
-                "or a list of samples, or call optimum_qap.calibrate(...) after loading",
-            )
 
     @property
     def quantizes_weights(self) -> bool:
@@ -394,7 +396,9 @@ class QAPrunerConfig(QuantizationConfigMixin):
         return (config, unused) if return_unused_kwargs else config
 
     def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, **{k: copy.deepcopy(getattr(self, k)) for k in _init_fields()}}
+        fields = {k: saved_form(self.calibration) if k == "calibration" else copy.deepcopy(getattr(self, k))
+                  for k in _init_fields()}
+        return {"quant_method": QUANT_METHOD, **fields}
 
     @property
     def explicit_fields(self) -> frozenset[str]:
@@ -414,4 +418,6 @@ class QAPrunerConfig(QuantizationConfigMixin):
 
 @functools.cache
 def _init_fields() -> tuple[str, ...]:
-    return tuple(inspect.signature(QAPrunerConfig.__init__).parameters)[1:]
+    # the saved fields; keyword-only arguments (the processor) are never saved
+    parameters = list(inspect.signature(QAPrunerConfig.__init__).parameters.values())[1:]
+    return tuple(p.name for p in parameters if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD)

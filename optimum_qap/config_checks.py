@@ -6,6 +6,8 @@ import json
 import math
 from typing import Any
 
+from .calibration_data import calibration_problem, is_dataset
+
 
 def invalid(field: str, value: Any, allowed: str) -> ValueError:
     return ValueError(f"QAPrunerConfig.{field}={value!r} is invalid: {allowed}.")
@@ -56,16 +58,24 @@ def check_str_list(field: str, value: Any) -> None:
 
 
 def check_calibration(field: str, value: Any) -> None:
-    if value is None or value == "builtin":
-        return
-    if isinstance(value, list) and value and all(is_sample(v) for v in value):
-        return
-    raise invalid(
-        field,
-        value,
-        'expected None, "builtin" (samples shipped with optimum-qap) or a non-empty list of '
-        '{"image": <path>, "text": <prompt>} dicts',
-    )
+    problem = calibration_problem(value)
+    if problem is not None:
+        # a list of images or a dataset would print whole; then its type and length say enough
+        sized = isinstance(value, (list, tuple)) or is_dataset(value)
+        long = sized and len(repr(value)) > 200
+        shown = _Shown(f"<{type(value).__name__} of {len(value)} items>") if long else value
+        raise invalid(
+            field,
+            shown,
+            f'{problem}. Expected None, "builtin" (samples shipped with optimum-qap), a list of {{"image": <PIL image '
+            'or path>, "text": <prompt>} dicts, of PIL images or of chat conversations, or a datasets.Dataset with '
+            "image and text columns",
+        )
+
+
+class _Shown(str):
+    def __repr__(self) -> str:
+        return str(self)
 
 
 def is_json_object(value: Any) -> bool:
@@ -73,12 +83,3 @@ def is_json_object(value: Any) -> bool:
         return isinstance(value, dict) and json.loads(json.dumps(value, allow_nan=False)) == value
     except (TypeError, ValueError):
         return False
-
-
-def is_sample(value: Any) -> bool:
-    return (
-        isinstance(value, dict)
-        and set(value) == {"image", "text"}
-        and isinstance(value["image"], str)
-        and isinstance(value["text"], str)
-    )

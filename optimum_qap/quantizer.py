@@ -13,6 +13,7 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, model_keys, read_headers
 from .config import QAPrunerConfig
 from .guard import add_guard, expect_guard, restore_guarded
+from .progress import progress_bar, timed_phase
 from .pruning.patch import attach_pruner
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
@@ -53,9 +54,11 @@ def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[s
     return selected
 
 
-def _swap_linears(model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module]) -> None:
+def _swap_linears(
+    model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module], progress: bool = False
+) -> None:
     """Replace each named linear by ``make(name, linear)``, one at a time (the old module is released each time)."""
-    for name in names:
+    for name in progress_bar(names, "Quantizing", progress and bool(names), unit="linear"):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, make(name, getattr(parent, child)))
@@ -77,7 +80,11 @@ def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: b
 
 
 def quantize_linears(
-    model: nn.Module, config: QAPrunerConfig, codes: dict | None = None, names: list[str] | None = None
+    model: nn.Module,
+    config: QAPrunerConfig,
+    codes: dict | None = None,
+    names: list[str] | None = None,
+    progress: bool = False,
 ) -> list[str]:
     """Replace the selected (or the given ``names``), still float `nn.Linear`s of a loaded model by `QuantLinear`s.
 
@@ -89,7 +96,7 @@ def quantize_linears(
     spec = QuantSpec.from_config(config)
     names = linear_names_to_quantize(model, config) if names is None else names
     codes = codes or {}
-    _swap_linears(model, names, lambda name, linear: QuantLinear.from_linear(linear, spec, codes.get(name)))
+    _swap_linears(model, names, lambda name, linear: QuantLinear.from_linear(linear, spec, codes.get(name)), progress)
     return names
 
 
@@ -159,7 +166,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
         return state, {LAYOUT_KEY: layout(model.config.quantization_config)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        from .calibration import calibrate_from_config, config_samples
+        from .calibration import calibrate, config_samples
         from .hub import hub_model_id, push_to_hub, save_pretrained
 
         config = self.quantization_config
@@ -179,7 +186,7 @@ class QAPrunerHfQuantizer(HfQuantizer):
         if config.prunes:
             attach_pruner(model, config)
         if calibrating:
-            calibrate_from_config(model, processor, samples)
+            calibrate(model, processor, samples)
             if isinstance(config.calibration, list):
                 config.calibration = None  # local file paths stay out of the saved config; calibration_summary stays
         set_kernels(model, config.kernels)
@@ -207,13 +214,17 @@ class QAPrunerHfQuantizer(HfQuantizer):
 def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, samples) -> None:
     """Rotate (if asked), then quantize the float linears: GPTQ on the calibration samples, or RTN."""
     if config.rotation:
-        rotate_language_model(model, config.rotation_seed)
-        attach_online_rotations(model)
+        with timed_phase(model, "rotate"):
+            rotate_language_model(model, config.rotation_seed)
+            attach_online_rotations(model)
     if config.weight_method == "gptq" and config.quantizes_weights:
         from .transforms.gptq_model import gptq_quantize_model
 
-        gptq_quantize_model(model, processor, samples, config)  # the decoder layers
-    quantize_linears(model, config)  # what is left (a quantized projector or vision tower): round to nearest
+        with timed_phase(model, "gptq"):
+            gptq_quantize_model(model, processor, samples, config)  # the decoder layers
+    with timed_phase(model, "quantize"):
+        # what is left (all of it with RTN; a quantized projector or vision tower after GPTQ): round to nearest
+        quantize_linears(model, config, progress=True)
     if config.rotation:
         attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
 

@@ -2,6 +2,9 @@
 
 import json
 import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
 
 import pytest
 import tiny
@@ -10,9 +13,13 @@ from PIL import Image, ImageStat
 from test_evaluation import scienceqa_file
 from transformers import LlamaConfig, LlavaForConditionalGeneration
 
+import optimum_qap.config
+import optimum_qap.demo
 import optimum_qap.hub
+import optimum_qap_cli
+from optimum_qap import QAPrunerConfig
 from optimum_qap.cli import main
-from optimum_qap.visualize import CAPTION_HEIGHT, GAP, MIN_PANEL, panel_size
+from optimum_qap.visualize import MIN_PANEL, contrast_config, figure_size, panel_box, panel_size
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +75,11 @@ def test_compress_summary(tiny_repo, tmp_path, capsys):
     assert "model.safetensors (" in summary and "compact_processor" in summary
     saved = json.loads((output / "config.json").read_text())["quantization_config"]
     assert saved["calibration_summary"]["samples"] == 2
+    phases = summary[summary.index("  Seconds per phase:\n"):].splitlines()[1:8]
+    names = [line.rsplit(None, 1)[0].strip() for line in phases]
+    assert names == ["load", "rotate (Hadamard)", "GPTQ", "quantize (round to nearest)", "calibrate activations",
+                     "choose alpha", "save"]
+    assert all(float(line.split()[-1]) >= 0 for line in phases) and "Load + quantize" not in summary
 
 
 @pytest.mark.parametrize("fusion", ["weighted", "outlier_slots"])
@@ -143,6 +155,15 @@ def test_eval_alpha_auto_row_is_chosen_per_keep_ratio(tiny_repo, capsys, monkeyp
     assert "| W4A4 + QAPruner (alpha=0.5) | 8 (50.0%) | " in out
 
 
+def kept_cells(png, side: int, grid: int = 4) -> int:
+    """Cells of the model's selection panel at full colour (pruned ones are faded towards white)."""
+    x0, y0, _, _ = panel_box(0, side)
+    panel, cell = png.crop((x0, y0, x0 + side, y0 + side)).convert("L"), side // grid
+    means = [ImageStat.Stat(panel.crop((cell * (i % grid) + 3, cell * (i // grid) + 3, cell * (i % grid + 1) - 3,
+                                        cell * (i // grid + 1) - 3))).mean[0] for i in range(grid * grid)]
+    return sum(m < 170 for m in means)
+
+
 def test_visualize_writes_png(tiny_repo, tmp_path, capsys):
     image, output = tmp_path / "in.png", tmp_path / "kept.png"
     tiny.noise_image(3, size=80).save(image)
@@ -152,14 +173,36 @@ def test_visualize_writes_png(tiny_repo, tmp_path, capsys):
     side = panel_size(4, tiny.IMAGE_SIZE)
     assert side == MIN_PANEL  # 4 x 4 patches of 64 pixels
     with Image.open(output) as png:
-        assert png.format == "PNG" and png.size == (2 * side + GAP, 2 * (side + CAPTION_HEIGHT))
-        # top left: 4 of 16 patches kept at full brightness, the rest darkened
-        top_left = png.crop((0, CAPTION_HEIGHT, side, CAPTION_HEIGHT + side)).convert("L")
-        cells = [ImageStat.Stat(top_left.crop((64 * (i % 4) + 2, 64 * (i // 4) + 2, 64 * (i % 4) + 62,
-                                                64 * (i // 4) + 62))).mean[0] for i in range(16)]
-        assert sum(c > 80 for c in cells) == 4, cells
+        assert png.format == "PNG" and png.size == figure_size(side)
+        assert kept_cells(png, side) == 4  # 4 of 16 patches kept at full colour, the rest faded
     assert entries(tmp_path) == ["in.png", "kept.png"]
-    assert "Wrote" in capsys.readouterr().out
+    assert "for 'what is in the image ?'" in capsys.readouterr().out
+
+
+def test_visualize_without_an_image_uses_a_demo_image_and_its_question(tiny_repo, tmp_path, capsys):
+    output = tmp_path / "kept.png"
+    assert main(["visualize", tiny_repo, "--output", str(output), "--keep-ratio", "0.5"]) == 0
+    question = optimum_qap.demo.make_dataset(1, "test")[0].question
+    assert f"for {question!r}" in capsys.readouterr().out
+    with Image.open(output) as png:
+        assert kept_cells(png, panel_size(4, tiny.IMAGE_SIZE)) == 8
+    assert main(["visualize", str(tmp_path / "kept.png"), tiny_repo]) == 2  # an image of one's own needs a question
+    assert "--prompt is required with an IMAGE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "fields, chosen, contrast",
+    [
+        ({"alpha": 0.3}, {"alpha": 0.3}, ("semantic only (alpha=1)", 1.0)),  # the model fuses: show semantic only
+        ({"alpha": 1.0}, {"alpha": 1.0}, ("QAPruner (alpha=0.7)", 0.7)),  # the model is semantic: show QAPruner
+        ({"fusion": "outlier_slots", "outlier_slots": 0}, {"outlier_slots": 0}, ("QAPruner (alpha=0.7)", 0.7)),
+        ({"fusion": "outlier_slots", "outlier_slots": 2}, {"outlier_slots": 2}, ("semantic only (alpha=1)", 1.0)),
+    ],
+)
+def test_visualize_contrasts_the_models_selection_with_a_different_one(fields, chosen, contrast):
+    config = QAPrunerConfig(keep_ratio=0.25, token_statistics={"range_median": 1.0, "error_median": 1.0}, **fields)
+    label, other = contrast_config(config, chosen)
+    assert (label, other.alpha, other.fusion) == (*contrast, "weighted")
 
 
 def test_visualize_a_compressed_model_uses_its_settings(compressed, tmp_path, capsys):
@@ -167,7 +210,27 @@ def test_visualize_a_compressed_model_uses_its_settings(compressed, tmp_path, ca
     tiny.noise_image(5).save(image)
     argv = ["visualize", str(image), str(compressed), "--prompt", "describe", "--output", str(tmp_path / "k.png")]
     assert main(argv) == 0
-    assert "alpha=1 and 0.3" in capsys.readouterr().out
+    with Image.open(tmp_path / "k.png") as png:
+        assert kept_cells(png, panel_size(4, tiny.IMAGE_SIZE)) == 4  # the saved keep_ratio 0.25
+
+
+def test_help_and_argument_errors_come_before_torch_and_transformers_load():
+    # what the console script runs; --help, a bad choice and --version must not import the heavy stack
+    for argv in (["--help"], ["compress", "--help"], ["compress", "--w-bits", "5"], ["--version"]):
+        code = (
+            f"import sys\nfrom optimum_qap_cli import main\ntry:\n    main({argv!r})\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', sorted(m for m in ('torch', 'transformers', 'optimum_qap', 'PIL') if m in sys.modules))"
+        )
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        assert result.stdout.strip().splitlines()[-1] == "LOADED []", (argv, result.stdout, result.stderr)
+    (script,) = [e for e in entry_points(group="console_scripts") if e.name == "optimum-qap"]
+    assert script.value == "optimum_qap_cli:main"
+
+
+def test_parser_choices_are_the_configs():
+    for name in ("WEIGHT_BITS", "ACTIVATION_BITS", "ACTIVATION_GRANULARITIES", "SEMANTIC_SCORES", "WEIGHT_METHODS",
+                 "FUSIONS", "DEFAULT_ALPHA"):
+        assert getattr(optimum_qap_cli, name) == getattr(optimum_qap.config, name), name
 
 
 def not_llava(folder):
@@ -194,7 +257,7 @@ def not_llava(folder):
         (["eval", "{tiny}", "--output", "{tmp}/no/results.json"], "folder {tmp}/no does not exist"),
         (["eval", "{tiny}", "--dataset", "pope", "--data-file", "{tmp}/x.jsonl"], "data file {tmp}/x.jsonl does not"),
         (["visualize", "{tmp}/file.txt", "{tiny}", "--prompt", "x", "--output", "{tmp}/k.png"], "cannot read image"),
-        (["visualize", "{tmp}/file.txt", "{tiny}"], "the following arguments are required: --prompt"),
+        (["visualize", "{tmp}/file.txt", "{tiny}"], "--prompt is required with an IMAGE"),
         ([], "the following arguments are required"),
     ],
 )
@@ -223,7 +286,7 @@ def test_failed_save_leaves_nothing_behind(tiny_repo, tmp_path, monkeypatch, cap
 
 
 def test_version_and_auto_in_any_case(capsys):
-    from optimum_qap.cli import alpha_or_auto
+    from optimum_qap_cli import alpha_or_auto
 
     with pytest.raises(SystemExit) as exit_code:
         main(["--version"])
@@ -231,3 +294,14 @@ def test_version_and_auto_in_any_case(capsys):
     assert alpha_or_auto("Auto") == alpha_or_auto(" AUTO ") == "auto" and alpha_or_auto("0.5") == 0.5
     assert main(["eval", "--alphas", "0.7,x"]) == 2
     assert "(or auto)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["compress"], ["eval"], ["visualize"]])
+def test_an_unwritable_output_fails_before_anything_loads(command, tmp_path, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("loaded before the output was checked")
+
+    for name in ("check_llava", "load_processor", "load_model"):
+        monkeypatch.setattr(optimum_qap.cli, name, must_not_run)
+    assert main([*command, "--output", str(tmp_path / "missing" / "out")]) == 2
+    assert f"cannot write {tmp_path / 'missing' / 'out'}: folder" in capsys.readouterr().err

@@ -26,8 +26,6 @@ def inputs(seed=0):
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"alpha": "auto"}, r"QAPrunerConfig\.calibration=None.*alpha=\"auto\""),
-        ({"fusion": "outlier_slots", "outlier_slots": 2}, r"QAPrunerConfig\.calibration=None.*outlier_slots"),
         ({"alpha_grid": [0.5, 1.5], "calibration": "builtin"}, r"QAPrunerConfig\.alpha_grid=1\.5"),
         ({"alpha_grid": []}, r"QAPrunerConfig\.alpha_grid=\[\]"),
         ({"outlier_slots": 9, "keep_tokens": 8}, r"outlier_slots=9.*cannot exceed keep_tokens=8"),
@@ -165,3 +163,50 @@ def test_alpha_defaults_to_auto_when_calibration_samples_are_given(tiny_repo):
     )
     record = model.config.quantization_config.auto_selection
     assert record["samples"] == 2 and model.qap_pruner.alpha == record["alpha"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"alpha": "auto"}, r'alpha="auto" has not been chosen yet: call optimum_qap.calibrate\(model, processor'),
+        ({"fusion": "outlier_slots", "outlier_slots": 2}, r"needs calibrated token statistics: call optimum_qap.cal"),
+        ({"fusion": "outlier_slots"}, r"needs calibrated token statistics"),
+    ],
+)
+def test_settings_that_need_calibration_load_without_it_and_one_calibrate_call_finishes_them(
+    tiny_repo, settings, message
+):
+    model = load(tiny_repo, calibration=None, **settings)
+    with pytest.raises(ValueError, match=message):
+        model(**inputs())
+    optimum_qap.calibrate(model, tiny.tiny_processor(), [tiny.noise_image(i) for i in range(2)], progress=False)
+    config = model.config.quantization_config
+    assert config.token_statistics["tokens"] == 2 * 16 and config.calibration_summary["samples"] == 2
+    assert (config.auto_selection is not None) == ("auto" in (config.alpha, config.outlier_slots))
+    model(**inputs())
+    assert len(last_selection(model)[0].kept) == 4
+
+
+def count_runs(monkeypatch):
+    runs = []
+    original = optimum_qap.pruning.auto._tail_log_probs
+    monkeypatch.setattr(optimum_qap.pruning.auto, "_tail_log_probs", lambda m, s: runs.append(1) or original(m, s))
+    return runs
+
+
+@pytest.mark.parametrize(("planted", "computed_values"), [(False, 1), (True, 3)])
+def test_slot_sweep_skips_values_that_cannot_change_the_selection(tiny_repo, monkeypatch, planted, computed_values):
+    # without outliers every m keeps semantic top-K: only m=0 runs; with 2 outliers per image, m=4 keeps what m=2 does
+    model = load(tiny_repo, fusion="outlier_slots", slot_grid=[0, 1, 2, 4], rotation=False)
+    samples = [{"image": tiny.noise_image(i), "text": "what colors ?"} for i in range(2)]
+    handle = plant_outliers(model) if planted else None
+    runs = count_runs(monkeypatch)
+    skipping = optimum_qap.select_fusion(model, tiny.tiny_processor(), samples, progress=False)
+    assert len(runs) == 2 + 2 * computed_values  # the unpruned references, then the values that can differ
+    monkeypatch.setattr(optimum_qap.pruning.auto.SlotEquivalence, "key", lambda self, value, index: None)
+    runs.clear()
+    full = optimum_qap.select_fusion(model, tiny.tiny_processor(), samples, progress=False)
+    assert len(runs) == 2 + 2 * 4
+    if handle is not None:
+        handle.remove()
+    assert skipping["slot_curve"] == full["slot_curve"] and skipping["outlier_slots"] == full["outlier_slots"]

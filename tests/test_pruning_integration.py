@@ -286,3 +286,37 @@ def test_get_image_features_returns_the_kept_tokens_in_every_calling_convention(
             assert torch.equal(features, image[selection.kept])
     as_tuple = model.model.get_image_features(pixel_values=pixel_values, return_dict=False)
     assert isinstance(as_tuple, tuple) and any(isinstance(x, list) and len(x) == 3 for x in as_tuple)
+
+
+def test_last_positions_map_pruned_outputs_back_to_the_callers_input_ids(tiny_repo):
+    model = load(tiny_repo, w_bits=16, a_bits=16)
+    prompts = ["USER: <image>\nwhat is in the image ? <image>\nwhat colors ? ASSISTANT:",
+               "USER: describe colors . ASSISTANT:",
+               "USER: <image>\ndescribe the image . ASSISTANT:"]
+    inputs = batch(prompts, images(3))
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    seen = []
+    hook = model.get_input_embeddings().register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    hook.remove()
+    positions = optimum_qap.last_positions(model)
+    assert positions.shape == logits.shape[:2] and (positions[:, -1] == ids.shape[1] - 1).all()
+    real = positions >= 0  # -1: padding added for rows that lost fewer tokens
+    assert torch.equal(ids.gather(1, positions.clamp(min=0))[real], seen[0][real])  # the token each output came from
+    # the kept placeholders are exactly the kept tokens of each image, in order
+    selections = iter(last_selection(model))
+    for row in (0, 2):
+        placeholders = (ids[row] == tiny.IMAGE_TOKEN_ID).nonzero().flatten()
+        kept = [p for p in positions[row].tolist() if p >= 0 and ids[row, p] == tiny.IMAGE_TOKEN_ID]
+        ordinals = [placeholders.tolist().index(p) for p in kept]
+        images_in_row = len(placeholders) // tiny.NUM_PATCHES
+        expected = [i * tiny.NUM_PATCHES + k for i in range(images_in_row) for k in next(selections).kept.tolist()]
+        assert ordinals == expected
+    with torch.no_grad(), pruning_disabled(model):
+        full = model(**inputs).logits
+    aligned = optimum_qap.aligned_to_input(logits, positions, ids.shape[1])
+    assert aligned.shape == full.shape
+    assert int(torch.isnan(aligned[..., 0]).sum()) == 3 * (tiny.NUM_PATCHES - 4)  # the pruned placeholders
+    text_only = mask[1].bool()  # a row without images loses nothing: the unpruned model's logits, position by position
+    torch.testing.assert_close(aligned[1][text_only], full[1][text_only], atol=1e-5, rtol=1e-4)

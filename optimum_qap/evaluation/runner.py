@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import format_prompt, named_samples, to_model
 from ..config import QAPrunerConfig
+from ..progress import progress_bar
 from ..pruning.auto import select_fusion
 from ..pruning.patch import ImageSelection, TokenPruner, attach_pruner, visual_tokens_per_image
 from ..pruning.selection import resolve_budget, topk_indices
@@ -93,7 +93,7 @@ def generate_answers(
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     answers: list[str] = []
     try:
-        with tqdm(total=len(items), desc=desc, unit="q", disable=not progress) as bar:
+        with progress_bar(total=len(items), desc=desc, enabled=progress, unit="q") as bar:
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
                 texts = [format_prompt(processor, item.text) for item in batch]

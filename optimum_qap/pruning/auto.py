@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import model_inputs
+from ..calibration_data import to_samples
+from ..progress import progress_bar
 from .patch import TokenPruner, pruning_disabled, visual_tokens_per_image
 
 CRITERIA = {"kl": "KL to unpruned at the answer position", "answer": "answer cross-entropy"}
@@ -77,15 +78,49 @@ def divergence(log_probs: torch.Tensor, sample: PreparedSample, reference: torch
 SIGNIFICANCE_Z = 1.96
 
 
-def _sweep(model, prepared, references, values, apply, progress: bool, label: str) -> dict[str, list[float]]:
-    """Per-sample divergence of every candidate value."""
-    scores = {}
-    for value in tqdm(values, desc=f"Choosing {label.replace('_', ' ')}", disable=not progress):
-        apply(value)
-        scores[str(value)] = [
-            divergence(_tail_log_probs(model, sample), sample, reference)
-            for sample, reference in zip(prepared, references, strict=True)
-        ]
+class SlotEquivalence:
+    """Which outlier-slot values give the same selection on a sample: m slots reserve min(m, outliers) tokens, so on
+    an image with q outlier tokens every m >= q keeps what m = q keeps (with none, every m is semantic top-K)."""
+
+    def __init__(self, pruner: TokenPruner):
+        self.pruner = pruner
+        self.outliers: dict[int, tuple[int, ...]] = {}  # per sample, per image; known once the sample has run
+
+    def key(self, value: int, index: int) -> tuple[int, ...] | None:
+        """The slots each image of sample ``index`` really reserves at ``value`` (None until it has run once)."""
+        counts = self.outliers.get(index)
+        return None if counts is None else tuple(min(value, count) for count in counts)
+
+    def observe(self, index: int) -> None:
+        """Record the outlier tokens of sample ``index`` from the run that just ended in this thread."""
+        ratio = self.pruner.config.outlier_ratio
+        self.outliers[index] = tuple(int((s.outlier_strength > ratio).sum()) for s in self.pruner.last)
+
+
+def _sweep(
+    model, prepared, references, values, apply, progress: bool, label: str, equivalence: SlotEquivalence | None
+) -> dict[str, list[float]]:
+    """Per-sample divergence of every candidate value; a (value, sample) pair that ``equivalence`` says selects what
+    an earlier one did reuses that divergence instead of running the model again."""
+    scores, done = {}, {}
+    bar = progress_bar(total=len(values) * len(prepared), desc=f"Choosing {label.replace('_', ' ')}",
+                       enabled=progress, unit="run")
+    with bar:
+        for value in values:
+            apply(value)
+            row = []
+            for index, (sample, reference) in enumerate(zip(prepared, references, strict=True)):
+                key = None if equivalence is None else equivalence.key(value, index)
+                if key is not None and (index, key) in done:
+                    score = done[(index, key)]
+                else:
+                    score = divergence(_tail_log_probs(model, sample), sample, reference)
+                    if equivalence is not None:
+                        equivalence.observe(index)
+                        done[(index, equivalence.key(value, index))] = score
+                row.append(score)
+                bar.update()
+            scores[str(value)] = row
     return scores
 
 
@@ -113,7 +148,7 @@ def choose(scores: dict[str, list[float]], baseline: str) -> str:
 def select_fusion(
     model: nn.Module,
     processor,
-    samples: Iterable[dict],
+    samples,
     reference_model: nn.Module | None = None,
     progress: bool = True,
 ) -> dict:
@@ -131,7 +166,8 @@ def select_fusion(
     if pruner is None:
         raise ValueError("select_fusion() needs a model that prunes: load it with QAPrunerConfig(keep_ratio<1).")
     config = pruner.config
-    prepared = prepare_samples(model, processor, list(samples)[: config.auto_max_samples], config.auto_criterion)
+    samples = to_samples(samples, config.auto_max_samples)[: config.auto_max_samples]  # any calibration form
+    prepared = prepare_samples(model, processor, samples, config.auto_criterion)
     if not prepared:
         raise ValueError("select_fusion() got no samples; pass at least one {'image': ..., 'text': ...} dict.")
     reference = reference_model if reference_model is not None else model
@@ -155,7 +191,9 @@ def select_fusion(
         )
     start = time.perf_counter()
     try:
-        scores = _sweep(model, prepared, references, values, lambda v: setattr(pruner, override, v), progress, name)
+        apply = lambda v: setattr(pruner, override, v)  # noqa: E731
+        equivalence = SlotEquivalence(pruner) if slots else None
+        scores = _sweep(model, prepared, references, values, apply, progress, name, equivalence)
     finally:
         setattr(pruner, override, None)
     chosen = choose(scores, baseline=str(0 if slots else 1.0))  # alpha 1.0, or no reserved slots

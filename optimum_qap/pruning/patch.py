@@ -31,9 +31,11 @@ from .pruner import ImageSelection, TokenPruner
 __all__ = [
     "ImageSelection",
     "TokenPruner",
+    "aligned_to_input",
     "attach_pruner",
     "compact_inputs",
     "compact_processor",
+    "last_positions",
     "last_selection",
     "pruning_disabled",
     "visual_tokens_per_image",
@@ -46,16 +48,20 @@ def compact_inputs(
     """Drop pruned placeholders when the input holds all N per image; a no-op when it holds K already."""
     num_images, budget = len(selections), len(selections[0].kept)
     if layout.tokens_per_image(num_images, num_tokens, budget) == budget:
+        pruner.last_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return input_ids, attention_mask, extra
     kept = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=input_ids.device)
     kept.scatter_(1, torch.stack([s.kept for s in selections]).to(input_ids.device), True)
     keep = placeholder_keep_mask(input_ids, pruner.image_token_id, kept)
     removed = [count // num_tokens * (num_tokens - budget) for count in layout.per_row]
     pad_id = pruner.base.config.text_config.pad_token_id
-    fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "labels": -100}
-    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, **extra}
+    fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "labels": -100, "positions": -1}
+    # where each kept position sits in the caller's input_ids (`last_positions`)
+    positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions, **extra}
     new_length = input_ids.shape[1] - min(removed)
     result = compact(keep, tensors, fills, not layout.right_padded, new_length)
+    pruner.last_positions = result.pop("positions")
     padding = result.pop("padding")
     if result["attention_mask"] is None and len(set(removed)) > 1:  # rows now differ in length
         result["attention_mask"] = (~padding).long()
@@ -247,6 +253,29 @@ def last_selection(model: nn.Module) -> list[ImageSelection]:
     if pruner is None:
         raise ValueError("This model does not prune visual tokens; load it with QAPrunerConfig(keep_ratio<1).")
     return pruner.last
+
+
+def last_positions(model: nn.Module) -> torch.Tensor:
+    """[B, L'] for this thread's last pruned call: the index in the caller's ``input_ids`` [B, L] of each position
+    of the shortened sequence the outputs cover (-1 where a row was re-padded). ``logits[b, j]`` belongs to
+    ``input_ids[b, last_positions(model)[b, j]]``; `aligned_to_input` puts outputs back on the input's positions.
+    """
+    pruner = getattr(model, "qap_pruner", None)
+    if pruner is None:
+        raise ValueError("This model does not prune visual tokens; load it with QAPrunerConfig(keep_ratio<1).")
+    if pruner.last_positions is None:
+        raise ValueError("last_positions() needs a pruned call (with pixel_values) in this thread first.")
+    return pruner.last_positions
+
+
+def aligned_to_input(values: torch.Tensor, positions: torch.Tensor, input_length: int, fill: float = float("nan")):
+    """``values`` [B, L', ...] of a pruned call (e.g. its logits) on the caller's [B, input_length] positions, with
+    ``fill`` at the positions of pruned image tokens (and of padding the pruned call added)."""
+    batch, rest = values.shape[0], values.shape[2:]
+    out = values.new_full((batch, input_length + 1, *rest), fill)
+    index = torch.where(positions >= 0, positions, input_length)  # re-padding goes to a column that is cut off
+    index = index.view(*index.shape, *(1,) * len(rest)).expand_as(values)
+    return out.scatter(1, index, values)[:, :input_length]
 
 
 @contextlib.contextmanager

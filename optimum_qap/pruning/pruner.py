@@ -126,6 +126,15 @@ class TokenPruner:
     def last(self, selections: list[ImageSelection]) -> None:
         self._local.last = selections
 
+    @property
+    def last_positions(self) -> torch.Tensor | None:
+        """This thread's last pruned call: the caller's input position of each position the outputs cover."""
+        return getattr(self._local, "positions", None)
+
+    @last_positions.setter
+    def last_positions(self, positions: torch.Tensor) -> None:
+        self._local.positions = positions
+
     # set while "auto" values are being chosen (optimum_qap.select_fusion); per thread
     alpha_override = call_state.PerThreadOverride("alpha")
     slots_override = call_state.PerThreadOverride("outlier_slots")
@@ -151,8 +160,8 @@ class TokenPruner:
         chosen = (self.config.auto_selection or {}).get(name)
         if chosen is None:
             raise ValueError(
-                f'QAPrunerConfig.{name}="auto" has not been chosen yet: call optimum_qap.select_fusion(model, '
-                "processor, samples), or load with calibration samples."
+                f'QAPrunerConfig.{name}="auto" has not been chosen yet: call optimum_qap.calibrate(model, processor, '
+                "samples) or optimum_qap.select_fusion(model, processor, samples), or load with calibration samples."
             )
         return chosen
 
@@ -162,7 +171,9 @@ class TokenPruner:
         stats = self.config.token_statistics
         if not stats:
             raise ValueError(
-                'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: run optimum_qap.calibrate.'
+                'QAPrunerConfig.fusion="outlier_slots" needs calibrated token statistics: call '
+                'optimum_qap.calibrate(model, processor, samples) (it also chooses "auto" values), or load with '
+                "calibration samples."
             )
         cfg = self.config
         error = group_quant_error(tokens, cfg.sensitivity_group_size, cfg.scoring_bits)

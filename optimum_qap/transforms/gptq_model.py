@@ -14,9 +14,9 @@ import time
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..calibration import model_inputs
+from ..progress import progress_bar
 from ..quant import functional as qf
 from ..quant.gptq import HessianAccumulator, layer_output_error, run_gptq
 from ..quant.linear import QuantLinear, observing_inputs
@@ -116,7 +116,7 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
     prefix = next(name for name, module in model.named_modules() if module is decoder)
     inputs = capture_layer_inputs(model, processor, samples, decoder.layers[0])
     report = {}
-    for index, layer in enumerate(tqdm(decoder.layers, desc="GPTQ", disable=not progress)):
+    for index, layer in enumerate(progress_bar(decoder.layers, "GPTQ", progress, unit="layer")):
         layer_prefix = f"{prefix}.layers.{index}."
         linears = {layer_prefix + n: m for n, m in layer.named_modules()
                    if isinstance(m, nn.Linear) and layer_prefix + n in selected}

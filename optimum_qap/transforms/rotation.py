@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from .hadamard import KroneckerRotation
 
 ROTATABLE_TEXT_MODELS = ("llama", "mistral", "qwen2")
@@ -110,7 +110,7 @@ def rotate_language_model(model: nn.Module, seed: int = 0, progress: bool = True
     projector = getattr(model.model, "multi_modal_projector", None)
     if projector is not None:
         rotate_outputs(_last_linear(projector), residual)
-    for layer in tqdm(decoder.layers, desc="Rotating", disable=not progress):
+    for layer in progress_bar(decoder.layers, "Rotating", progress, unit="layer"):
         attention, mlp = layer.self_attn, layer.mlp
         _fuse_norm(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], residual)
         num_kv = attention.v_proj.weight.shape[0] // head_dim
