@@ -27,6 +27,11 @@ def run(script: str, *args: str) -> dict:
     return json.loads(output[output.rfind("\n{") + 1 :])
 
 
+def threads(result: dict) -> str:
+    """Where a section was measured: results of different runs may differ in threads (set OMP_NUM_THREADS)."""
+    return result["cuda"] or f"{result['cpu_threads']} CPU thread{'s' if result['cpu_threads'] > 1 else ''}"
+
+
 def fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
@@ -42,7 +47,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
     lines = [
         "# Performance",
         "",
-        f"Measured by `python benchmarks/run_all.py` on {device}, torch {machine['torch']}, transformers "
+        f"Measured by `python benchmarks/run_all.py` on {device} (each section names its own threads), "
+        f"torch {machine['torch']}, transformers "
         f"{machine['transformers']}, {results['date']}. Models are LLaVA-1.5-7B-shaped (CLIP ViT-L/14-336 + "
         "Vicuna-7B shapes) with random weights and the decoder truncated; every ratio is measured side by side in "
         "one run. On a CUDA machine the same command measures the GPU; figures measured on lent GPUs are in "
@@ -50,7 +56,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
         "## Prefill: pruned vs unpruned vs ideal (the same model fed only K image tokens)",
         "",
-        f"`{commands['prefill']}` (and `--dtype bfloat16 --keep-ratios 1.0,0.125`)",
+        f"`{commands['prefill']}` (and `--dtype bfloat16 --keep-ratios 1.0,0.125`; "
+        f"{threads(next(iter(results['prefill'].values())))})",
         "",
         "The scoring share is (pruned - ideal) / pruned: the cost of scoring, selection, compaction. Values near 0",
         "or below it are timing noise between two runs of nearly the same work (median of 5 runs each, the five timed "
@@ -97,7 +104,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
         "## Prefill, decode and calibration against the plain model",
         "",
-        f"`{commands['generation']}`. Plain: the same checkpoint loaded without quantization, in the same dtype.",
+        f"`{commands['generation']}` ({threads(decode)}). Plain: the same checkpoint loaded without quantization,",
+        "in the same dtype.",
         "Simulated: the compressed model forced onto the simulated path (`set_kernels(model, \"simulated\")`), what",
         "every call ran before the fused kernels.",
         "",
@@ -130,7 +138,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
         "## Quantized linear layer vs the bf16 `nn.Linear` it replaces (time ratio, lower is better)",
         "",
-        f"`{commands['linear']}`",
+        f"`{commands['linear']}` ({threads(results['linear'])})",
         "",
     ]
     linear_rows = results["linear"]["rows"]
