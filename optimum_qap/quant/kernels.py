@@ -24,7 +24,7 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # linearly with the tokens. CPU values are measured (benchmarks/linear.py, docs/performance.md); the CUDA ones
 # are not yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 17, "cuda": 17}
-INT4_MAX_TOKENS = {"cpu": 64, "cuda": 16}
+INT4_MAX_TOKENS = {"cpu": 128, "cuda": 16}
 # activation dtypes the int4 kernels take (tinygemm on CUDA is bf16 only)
 INT4_DTYPES = {"cpu": (torch.float32, torch.float16, torch.bfloat16), "cuda": (torch.bfloat16,)}
 
