@@ -165,3 +165,24 @@ def test_merging_into_the_dequantized_model_is_the_documented_alternative(tiny_r
 def test_initialisations_that_need_the_float_weight_are_refused(tiny_repo):
     with pytest.raises(ValueError, match="init_lora_weights='pissa' needs the float base weight"):
         get_peft_model(load(tiny_repo), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights="pissa"))
+
+
+def test_demo_finetune_supervises_the_answer_and_trains_only_the_adapter():
+    from transformers import AutoProcessor
+
+    from optimum_qap.demo import DEMO_MODEL_PATH
+    from optimum_qap.demo.finetune import MODEL_INPUTS, AnswerBatches, LoraRun, TrainingSplit, lora_finetune
+
+    processor = AutoProcessor.from_pretrained(DEMO_MODEL_PATH)
+    examples = TrainingSplit(3)
+    batch = AnswerBatches(processor.tokenizer)([examples[i] for i in range(3)])
+    assert tuple(batch) == MODEL_INPUTS
+    assert ((batch["labels"] != -100).sum(1) == 2).all()  # the answer word and </s>
+    model = LlavaForConditionalGeneration.from_pretrained(DEMO_MODEL_PATH,
+                                                          quantization_config=QAPrunerConfig(keep_ratio=0.125))
+    packed = [(m, m.weight_packed.clone()) for m in model.modules() if isinstance(m, QuantLinear)]
+    peft_model, history = lora_finetune(model, processor, LoraRun(steps=2, batch_size=2))
+    assert history[-1]["step"] == 2 and not peft_model.training
+    assert packed and all(torch.equal(m.weight_packed, before) for m, before in packed)
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in name for name in trainable)
