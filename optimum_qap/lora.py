@@ -39,7 +39,7 @@ class LoraMergeError(ValueError):
 def merge_error(name: str = "") -> LoraMergeError:
     where = f" ({name})" if name else ""
     return LoraMergeError(
-        f"cannot merge a LoRA adapter into the packed int4 weights of a QuantLinear{where}: W + BA is not on the "
+        f"cannot merge a LoRA adapter into the packed low-bit weights of a QuantLinear{where}: W + BA is not on the "
         "quantization grid, so merging would mean requantizing it and losing the adapter's effect. Either keep the "
         "adapter unmerged (the PeftModel generates, saves with `save_pretrained` and reloads with "
         "`PeftModel.from_pretrained` as it is), or merge into a float model: reload the qap checkpoint, call "

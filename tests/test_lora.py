@@ -98,7 +98,8 @@ def test_trainer_decreases_loss_and_changes_only_the_adapter(tiny_repo, tmp_path
         start_loss = model(**batch).loss.item()
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=2, learning_rate=2e-2,
                              report_to=[], save_strategy="no", logging_steps=4, use_cpu=True,
-                             remove_unused_columns=False, disable_tqdm=True)
+                             remove_unused_columns=False, disable_tqdm=True,
+                             dataloader_pin_memory=False)
     Trainer(model=model, args=args, train_dataset=RepeatedBatch(batch, 24)).train()
     with torch.no_grad():
         assert model(**batch).loss.item() < 0.8 * start_loss  # memorising one batch

@@ -70,6 +70,7 @@ def lora_finetune(model: nn.Module, processor, run: LoraRun = LoraRun()) -> tupl
             learning_rate=run.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, run.steps // 20),
             seed=run.seed, data_seed=run.seed, logging_steps=max(1, run.steps // 10), save_strategy="no",
             report_to=[], remove_unused_columns=False, dataloader_num_workers=0,
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for host-to-GPU copies
         )
         trainer = Trainer(model=peft_model, args=args, train_dataset=TrainingSplit(run.steps * run.batch_size),
                           data_collator=AnswerBatches(processor.tokenizer))
