@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
@@ -190,6 +191,10 @@ class QAPrunerHfQuantizer(HfQuantizer):
             if isinstance(config.calibration, list):
                 config.calibration = None  # local file paths stay out of the saved config; calibration_summary stays
         set_kernels(model, config.kernels)
+        if importlib.util.find_spec("peft") is not None:
+            from .lora import install_peft_support
+
+            install_peft_support()  # LoRA on QuantLinear, "all-linear" = the language model's linears
         return model
 
     def _dequantize(self, model, dtype=None):
@@ -208,7 +213,9 @@ class QAPrunerHfQuantizer(HfQuantizer):
 
     @property
     def is_trainable(self) -> bool:
-        return False
+        # adapters train on top (PEFT LoRA, optimum_qap.lora): the packed weights are frozen buffers and input
+        # gradients pass the activation rounding straight through (QuantLinear.quantize_input)
+        return True
 
 
 def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, samples) -> None:

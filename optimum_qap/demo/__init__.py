@@ -4,6 +4,7 @@
 * :mod:`optimum_qap.demo.tokenizer` - word-level tokenizer + stock ``LlavaProcessor`` builders.
 * :mod:`optimum_qap.demo.train` - from-scratch training (``python -m optimum_qap.demo.train``).
 * :mod:`optimum_qap.demo.evaluate` - greedy-generation answer accuracy.
+* :mod:`optimum_qap.demo.finetune` - LoRA fine-tuning of a qap demo model with `Trainer` (``lora_finetune``; PEFT).
 * :mod:`optimum_qap.demo.outliers` - the outlier-faithful variant: LLM-style activation outlier channels at every
   decoder linear's input, same full-precision function (``build_outlier_demo``).
 * :mod:`optimum_qap.demo.planted` - the planted variant: massive visual sink tokens (``build_planted_demo``).

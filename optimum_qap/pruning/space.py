@@ -18,7 +18,9 @@ def is_rotated(llava_model: nn.Module) -> bool:
     """Whether `rotate_language_model` rotated this model (its online transforms are attached)."""
     from ..transforms.rotation import ONLINE_HOOK
 
-    return getattr(llava_model.language_model.layers[0].mlp.down_proj, ONLINE_HOOK, None) is not None
+    down_proj = llava_model.language_model.layers[0].mlp.down_proj
+    # under a PEFT adapter the hook stays on the wrapped layer (down_proj.base_layer)
+    return any(getattr(module, ONLINE_HOOK, None) is not None for module in down_proj.modules())
 
 
 def sensitivity_tokens(llava_model: nn.Module, config, features: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,19 @@ def observing_inputs(modules: Iterable[QuantLinear]) -> Iterator[None]:
         module.set_input_ranges(*(seen if seen is not None else (nan, nan)))
 
 
+class StraightThrough(torch.autograd.Function):
+    """``quantize(x)`` in the forward, the identity in the backward: the straight-through estimator of QAT and
+    QLoRA (rounding has a zero gradient almost everywhere, and the range's gradient would only add noise)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, quantize) -> torch.Tensor:
+        return quantize(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
 class UncalibratedError(RuntimeError):
     """A static activation granularity was used before its ranges were calibrated."""
 
@@ -114,6 +127,12 @@ class QuantLinear(nn.Module):
         nan = torch.full((in_features,), float("nan"), dtype=torch.float32, device=device)
         self.register_buffer("input_min", nan)
         self.register_buffer("input_max", nan.clone())
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The stored weight tensor (packed codes; the float weight at 16 bits): where PEFT, by its convention for
+        quantized linears, finds the layer's device when it places LoRA adapters (`optimum_qap.lora`)."""
+        return self.weight_packed if self.spec.packs_weight else self.weight
 
     @property
     def num_weight_groups(self) -> int:
@@ -189,9 +208,15 @@ class QuantLinear(nn.Module):
         return self._cached_weight
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        if spec.a_bits >= 16:
+        """Fake-quantized ``x``; under autograd its gradient passes the rounding unchanged (straight-through)."""
+        if self.spec.a_bits >= 16:
             return x
+        if x.requires_grad and torch.is_grad_enabled():
+            return StraightThrough.apply(x, self._fake_quantize)
+        return self._fake_quantize(x)
+
+    def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
         if spec.a_granularity == "per_token":
             return qf.fake_quant_per_token(x, spec.a_bits, spec.a_symmetric)
         if spec.a_granularity == "per_group":
