@@ -14,6 +14,7 @@ from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, model_k
 from .config import QAPrunerConfig
 from .guard import add_guard, expect_guard, restore_guarded
 from .pruning.patch import attach_pruner
+from .pruning.support import pruner_class
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_language_model
@@ -141,6 +142,8 @@ class QAPrunerHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         model_parts(model)  # a model we cannot handle fails before its weights load
         config = self.quantization_config
+        if config.prunes:
+            pruner_class(model)
         if not self.pre_quantized:
             config.check_can_quantize()
         headers = read_headers(checkpoint_files or []) if self.pre_quantized else None

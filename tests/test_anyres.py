@@ -1,0 +1,167 @@
+"""QAPruner on any-resolution LLaVA models (LLaVA-NeXT, LLaVA-OneVision): base tile, high-res tiles, newlines.
+
+As for LLaVA-1.5 (test_pruning_integration.py), the pruned model must equal the unpruned model fed only the kept
+image tokens, in batched, left-padded generate and forward."""
+
+import pytest
+import tiny
+import tiny_anyres
+import torch
+from test_pruning_integration import hand_compacted, new_tokens, reference_generate
+from transformers import AutoModelForImageTextToText
+
+import optimum_qap
+from optimum_qap import QAPrunerConfig, last_selection, pruning_disabled
+from optimum_qap.pruning.selection import resolve_budget
+
+PROMPTS = [
+    "USER: <image>\nwhat is in the image ? ASSISTANT:",
+    "USER: <image>\nhow many shapes are there in the picture and where do you see red objects ? ASSISTANT:",
+    "USER: <image>\ndescribe colors . ASSISTANT:",
+]
+# (model, semantic score): SigLIP has no [CLS], so it scores instruction relevance; NeXT with CLIP scores [CLS]
+VARIANTS = [("next", "cdpruner"), ("next-clip", "cls_attention"), ("onevision", "cdpruner")]
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    return {kind: tiny_anyres.save(tmp_path_factory.mktemp(kind), kind) for kind in ("next", "next-clip",
+                                                                                     "onevision", "onevision-clip")}
+
+
+def load(repo, **config):
+    model = AutoModelForImageTextToText.from_pretrained(
+        repo, quantization_config=QAPrunerConfig(**({"keep_ratio": 0.25, "semantic": "cdpruner"} | config))
+    )
+    return model, tiny_anyres.processor_for(model, repo)
+
+
+def batch(processor, prompts=PROMPTS, image_list=None):
+    image_list = tiny_anyres.images() if image_list is None else image_list
+    return processor(images=image_list, text=prompts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize(("kind", "semantic"), VARIANTS)
+def test_generate_and_forward_equal_unpruned_model_fed_kept_tokens(repos, kind, semantic):
+    model, processor = load(repos[kind], semantic=semantic)
+    inputs = batch(processor)
+    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # left padding of three lengths
+    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
+    embeds, mask = hand_compacted(model, inputs)
+    with pruning_disabled(model):
+        reference = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(new_tokens(generated, inputs), reference)
+
+    logits = model(**inputs).logits
+    with pruning_disabled(model):
+        expected = model(inputs_embeds=embeds, attention_mask=mask).logits
+    text = mask.bool()
+    assert logits.shape == expected.shape
+    assert torch.equal(logits[text], expected[text])
+
+
+@pytest.mark.parametrize(("kind", "semantic"), VARIANTS)
+def test_budget_is_per_image_over_its_tiles_and_newlines_are_kept(repos, kind, semantic):
+    model, processor = load(repos[kind], semantic=semantic, w_bits=16, a_bits=16)
+    inputs = batch(processor)
+    vision = {k: inputs[k] for k in ("image_sizes", "batch_num_images") if k in inputs}
+    with pruning_disabled(model):
+        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"], **vision).pooler_output
+    model(**inputs)
+    selections = last_selection(model)
+    newline = model.model.image_newline
+    assert len({s.num_tokens for s in selections}) > 1  # the three image sizes give different token counts
+    for features, selection in zip(packed, selections, strict=True):
+        is_newline = (features == newline).all(-1)
+        assert selection.num_tokens == len(features)
+        assert torch.equal(is_newline.nonzero().flatten(), _complement(selection.content, len(features)))
+        parts = selection.kept_by_part()
+        content = len(selection.content)
+        assert parts["base"] + parts["high_res"] == resolve_budget(content, 0.25, None)
+        assert parts["newline"] == int(is_newline.sum()) > 0  # every newline kept
+        assert selection.kept.tolist() == sorted(selection.kept.tolist())  # packed order
+        assert selection.semantic.shape == selection.fused.shape == (content,)
+        assert selection.base_tokens == tiny_anyres.TILE_TOKENS
+
+
+def _complement(positions, size):
+    mask = torch.ones(size, dtype=torch.bool)
+    mask[positions] = False
+    return mask.nonzero().flatten()
+
+
+def test_cls_attention_is_gathered_from_the_tile_each_packed_token_comes_from(repos):
+    """[CLS] attention is computed per tile; the pruner maps it through the model's own packing (unpadding and
+    row reordering included). Checked against eager attention, matching each packed feature to its tile token."""
+    model, processor = load(repos["next-clip"], semantic="cls_attention", alpha=1.0, w_bits=16, a_bits=16)
+    inputs = batch(processor)
+    with pruning_disabled(model):
+        packed = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                image_sizes=inputs["image_sizes"]).pooler_output
+    model(**inputs)
+    tiles_per_image = [5, 5, 5]  # every image here takes a 2-tile grid or the 2x2 grid: base + up to 4 tiles
+    tiles = torch.cat(list(inputs["pixel_values"]))
+    model.model.vision_tower.set_attn_implementation("eager")
+    with torch.no_grad():
+        vision = model.model.vision_tower(tiles, output_attentions=True, output_hidden_states=True)
+        projected = model.model.multi_modal_projector(vision.hidden_states[-2][:, 1:]).flatten(0, 1)
+    attention = vision.attentions[-2][:, :, 0, 1:].mean(1).flatten()  # [CLS] -> each patch, tile by tile
+    offset = 0
+    for features, selection, count in zip(packed, last_selection(model), tiles_per_image, strict=True):
+        own = slice(offset, offset + count * tiny_anyres.TILE_TOKENS)
+        offset += count * tiny_anyres.TILE_TOKENS
+        source = torch.cdist(features[selection.content], projected[own]).argmin(1)
+        expected = attention[own][source]
+        expected = (expected - expected.min()) / (expected.max() - expected.min())  # one scale for all tiles
+        torch.testing.assert_close(selection.semantic, expected, atol=1e-5, rtol=1e-4)
+        assert len(set(source.tolist())) == len(source)  # a distinct tile token behind every packed position
+
+
+def test_several_images_in_a_prompt_and_text_only_rows(repos):
+    for kind in ("next", "onevision"):
+        model, processor = load(repos[kind], keep_tokens=5, selection="dpp")
+        prompts = ["USER: <image>\nwhat is in the image ? <image>\nwhat colors ? ASSISTANT:",
+                   "USER: describe colors . ASSISTANT:",
+                   "USER: <image>\ndescribe the image . ASSISTANT:"]
+        image_list = tiny_anyres.images()
+        if kind == "onevision":  # OneVision does not tile the images of a multi-image prompt
+            image_list = [image_list[:2], [], image_list[2:]]
+        inputs = batch(processor, prompts, image_list)
+        generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+        selections = last_selection(model)
+        assert len(selections) == 3
+        assert all(s.kept_by_part()["base"] + s.kept_by_part()["high_res"] == 5 for s in selections)
+        expected = reference_generate(model, inputs, max_new_tokens=5, do_sample=False)
+        assert torch.equal(new_tokens(generated, inputs), expected)
+
+
+def test_beams_quantized_and_save_reload(repos, tmp_path):
+    model, processor = load(repos["next"], alpha=0.5)
+    inputs = batch(processor)
+    beams = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    expected = reference_generate(model, inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2)
+    assert beams.shape[0] == 6 and torch.equal(new_tokens(beams, inputs), expected)
+    logits = model(**inputs).logits
+    kept = [s.kept for s in last_selection(model)]
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    assert type(reloaded).__name__ == "LlavaNextForConditionalGeneration"
+    assert torch.equal(reloaded(**inputs).logits, logits)
+    assert all(torch.equal(a, s.kept) for a, s in zip(kept, last_selection(reloaded), strict=True))
+
+
+def test_interpolated_grid_refuses_tile_scores_and_compact_processor_is_refused(repos):
+    model, processor = load(repos["onevision-clip"], semantic="cls_attention")
+    with pytest.raises(ValueError, match="interpolates the high-resolution grid.*semantic='cdpruner'"):
+        model(**batch(processor))
+    model, _ = load(repos["next"])
+    with pytest.raises(ValueError, match="compact_processor\\(\\) needs a fixed number of visual tokens"):
+        optimum_qap.compact_processor(tiny_anyres.next_processor(), model)
+
+
+def test_siglip_tower_refuses_cls_attention(repos):
+    with pytest.raises(ValueError, match=r"\[CLS\] token.*semantic='cdpruner'"):
+        load(repos["next"], semantic="cls_attention")
+    model, _ = load(repos["next"], semantic="cdpruner")
+    assert last_selection(model) == [] and model.model.config.image_token_id == tiny.IMAGE_TOKEN_ID
