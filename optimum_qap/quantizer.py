@@ -29,8 +29,9 @@ def model_parts(model: nn.Module) -> dict[str, str]:
             names[leaf] = name
     if "language_model" not in names:
         raise ValueError(
-            f"QAPrunerConfig needs a LLaVA-style model with a `language_model` submodule; "
-            f"{type(model).__name__} has none. Load it with `LlavaForConditionalGeneration`."
+            f"QAPrunerConfig quantization is not supported for {type(model).__name__}: it quantizes the "
+            "`language_model` submodule of an image-text model, and this one has none. The supported models are "
+            "listed in the README (Supported models)."
         )
     return names
 
