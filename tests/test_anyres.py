@@ -9,6 +9,7 @@ import tiny_anyres
 import torch
 from test_pruning_integration import hand_compacted, new_tokens, reference_generate
 from transformers import AutoModelForImageTextToText
+from transformers import pipeline as hf_pipeline
 
 import optimum_qap
 from optimum_qap import QAPrunerConfig, last_selection, pruning_disabled
@@ -165,3 +166,22 @@ def test_siglip_tower_refuses_cls_attention(repos):
         load(repos["next"], semantic="cls_attention")
     model, _ = load(repos["next"], semantic="cdpruner")
     assert last_selection(model) == [] and model.model.config.image_token_id == tiny.IMAGE_TOKEN_ID
+
+
+def test_calibration_gptq_and_auto_alpha_then_pipeline(repos):
+    """The calibrated path (static ranges, GPTQ, alpha chosen on the samples) works on NeXT, and so does the
+    image-text-to-text pipeline, which then answers as the pruned model's own generate."""
+    model, processor = load(repos["next"], a_granularity="static_per_channel", calibration="builtin",
+                            num_calibration_samples=3)
+    config = model.config.quantization_config
+    assert config.weight_method == "gptq" and config.auto_selection["samples"] == 3
+    assert set(config.auto_selection["alpha_curve"]) >= {"0.0", "1.0"}
+    image, prompt = tiny_anyres.images()[0], PROMPTS[0]
+    pipe = hf_pipeline("image-text-to-text", model=model, processor=processor)
+    result = pipe(images=image, text=prompt, max_new_tokens=4, generate_kwargs={"do_sample": False},
+                  return_full_text=False)
+    inputs = processor(images=image, text=prompt, return_tensors="pt")
+    expected = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert len(last_selection(model)) == 1
+    text = processor.batch_decode(new_tokens(expected, inputs), skip_special_tokens=True)[0]
+    assert result[0]["generated_text"].strip() == text.strip() and text.strip()
