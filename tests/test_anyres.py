@@ -3,10 +3,13 @@
 As for LLaVA-1.5 (test_pruning_integration.py), the pruned model must equal the unpruned model fed only the kept
 image tokens, in batched, left-padded generate and forward."""
 
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 import tiny
 import tiny_anyres
 import torch
+from test_concurrency import serve
 from test_pruning_integration import hand_compacted, new_tokens, reference_generate
 from transformers import AutoModelForImageTextToText
 from transformers import pipeline as hf_pipeline
@@ -185,3 +188,20 @@ def test_calibration_gptq_and_auto_alpha_then_pipeline(repos):
     assert len(last_selection(model)) == 1
     text = processor.batch_decode(new_tokens(expected, inputs), skip_special_tokens=True)[0]
     assert result[0]["generated_text"].strip() == text.strip() and text.strip()
+
+
+def test_threads_get_their_own_layout_and_selection(repos):
+    """The packing layout is recorded per thread: concurrent calls on images of different sizes (so different
+    tile grids and token counts) give exactly their sequential tokens and selections."""
+    model, processor = load(repos["next"], alpha=0.5)
+    sizes = [(30, 60), (64, 40), (50, 50), (28, 28), (70, 35), (40, 75)]
+    work = [(tiny_anyres.images([sizes[i % 6]], seed=i)[0], PROMPTS[i % 3], i % 4 == 1, None) for i in range(12)]
+    expected = [serve(model, processor, request) for request in work]
+    assert len({len(k[0]) for _, k in expected if k}) > 2  # different token counts per image
+    with ThreadPoolExecutor(3) as pool:
+        for _ in range(2):
+            for (output, kept), (want_output, want_kept) in zip(
+                pool.map(lambda request: serve(model, processor, request), work), expected, strict=True
+            ):
+                assert torch.equal(output, want_output)
+                assert kept is None if want_kept is None else torch.equal(kept[0], want_kept[0])
