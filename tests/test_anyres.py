@@ -205,3 +205,22 @@ def test_threads_get_their_own_layout_and_selection(repos):
             ):
                 assert torch.equal(output, want_output)
                 assert kept is None if want_kept is None else torch.equal(kept[0], want_kept[0])
+
+
+def test_packed_layout_detects_blended_tokens():
+    """An interpolated grid blends neighbouring tile tokens: even a blend whose index is a whole number (the mean of
+    3 and 5) is caught by the squared channel, so tile scores are never gathered for it."""
+    from optimum_qap.pruning.anyres import PackedImage
+
+    def marker(i):
+        return [1.0, i, i * i]
+
+    newline = [0.0, -1.0, 1.0]
+    exact = torch.tensor([marker(0), marker(1), marker(7), newline, marker(9), newline], dtype=torch.float64)
+    image = PackedImage.from_markers(exact, tile_tokens=2, tiles=3)
+    assert image.source.tolist() == [0, 1, 7, 9] and image.newlines.tolist() == [3, 5]
+    assert image.content.tolist() == [0, 1, 2, 4] and image.num_tokens == 6 and image.base_tokens == 2
+    blended = exact.clone()
+    blended[2] = (torch.tensor(marker(3.0)) + torch.tensor(marker(5.0))) / 2  # index 4.0, square 17 != 16
+    assert PackedImage.from_markers(blended, tile_tokens=2, tiles=3).source is None
+    assert PackedImage.from_markers(exact[:3], tile_tokens=2, tiles=1).base_tokens == 3  # one tile is the base

@@ -69,22 +69,27 @@ class PackedImage:
 
     @classmethod
     def from_markers(cls, markers: torch.Tensor, tile_tokens: int, tiles: int) -> PackedImage:
-        """``markers`` [N, 2]: (1, flat source index) at a tile token, (0, -1) at a newline."""
+        """``markers`` [N, 3] float64: (1, i, i^2) at tile token i, (0, -1, 1) at a newline.
+
+        A blend of tokens (an interpolated grid) has a non-integer index or an index whose square is not its third
+        channel (the mean of squares exceeds the square of the mean), so `source` is None exactly then.
+        """
         is_content = markers[:, 0] > 0.5
         content = is_content.nonzero().flatten()
-        source = markers[content, 1]
-        exact = bool((source == source.round()).all()) and bool((markers[~is_content, 1] == -1).all())
+        index, square = markers[content, 1], markers[content, 2]
+        exact = bool(((index == index.round()) & (square == index * index)).all())
         base = tile_tokens if tiles > 1 else len(content)  # a single tile is the base tile
-        return cls(content, (~is_content).nonzero().flatten(), source.long() if exact else None, base)
+        return cls(content, (~is_content).nonzero().flatten(), index.long() if exact else None, base)
 
 
-def _markers(image_features, offset: int = 0) -> list[torch.Tensor]:
-    """Per image a [tiles, tokens, 2] tensor of (1, flat tile-token index), in the vision tower's tile order."""
-    markers = []
+def _markers(image_features) -> list[torch.Tensor]:
+    """Per image a [tiles, tokens, 3] float64 tensor of (1, i, i^2), i the flat tile-token index in the vision
+    tower's tile order (float64 keeps i^2 exact)."""
+    markers, offset = [], 0
     for tiles in image_features:
         count = tiles.shape[0] * tiles.shape[1]
-        index = torch.arange(offset, offset + count, dtype=torch.float32).view(*tiles.shape[:2], 1)
-        markers.append(torch.cat((torch.ones_like(index), index), dim=-1))
+        index = torch.arange(offset, offset + count, dtype=torch.float64).view(*tiles.shape[:2], 1)
+        markers.append(torch.cat((torch.ones_like(index), index, index * index), dim=-1))
         offset += count
     return markers
 
@@ -102,7 +107,7 @@ def record_packing(base: nn.Module) -> None:
         packed = original(image_features, image_sizes, *args, **kwargs)
         store = call_state.capture_store()
         if store is not None:
-            newline = torch.tensor([0.0, -1.0])
+            newline = torch.tensor([0.0, -1.0, 1.0], dtype=torch.float64)
             markers, _ = original(_markers(image_features), image_sizes.cpu(), *args, **{**kwargs,
                                                                                         "image_newline": newline})
             store["packing"] = [
