@@ -224,3 +224,17 @@ def test_packed_layout_detects_blended_tokens():
     blended[2] = (torch.tensor(marker(3.0)) + torch.tensor(marker(5.0))) / 2  # index 4.0, square 17 != 16
     assert PackedImage.from_markers(blended, tile_tokens=2, tiles=3).source is None
     assert PackedImage.from_markers(exact[:3], tile_tokens=2, tiles=1).base_tokens == 3  # one tile is the base
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(("kind", "semantic"), VARIANTS)
+def test_cuda_bf16_generate_matches_reference(repos, kind, semantic):
+    model = AutoModelForImageTextToText.from_pretrained(
+        repos[kind], dtype=torch.bfloat16, device_map="cuda",
+        quantization_config=QAPrunerConfig(keep_ratio=0.25, semantic=semantic),
+    )
+    inputs = {k: v.cuda() for k, v in batch(tiny_anyres.processor_for(model, repos[kind])).items()}
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    generated = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+    expected = reference_generate(model, inputs, max_new_tokens=5, do_sample=False)
+    assert torch.equal(new_tokens(generated, inputs), expected)

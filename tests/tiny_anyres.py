@@ -94,8 +94,10 @@ class OnevisionImageTextProcessor:
     def __call__(self, images, text, return_tensors="pt", padding=True):
         pixels = self.image_processor(images, return_tensors="pt")
         with torch.no_grad(), optimum_qap.pruning_disabled(self.model):
+            device = self.model.device
             features = self.model.model.get_image_features(
-                pixels["pixel_values"], pixels["image_sizes"], batch_num_images=pixels.get("batch_num_images")
+                pixels["pixel_values"].to(device, self.model.dtype), pixels["image_sizes"].to(device),
+                batch_num_images=pixels.get("batch_num_images"),
             )
         counts = iter(len(f) for f in features.pooler_output)
         expanded = [re.sub("<image>", lambda _: " <image>" * next(counts) + " ", prompt) for prompt in text]
