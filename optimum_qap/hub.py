@@ -156,16 +156,16 @@ def model_card(config: QAPrunerConfig, repo_id: str | None = None, tags: Iterabl
         "",
         "```python",
         "import optimum_qap  # registers the qap quantization method with transformers",
-        "from transformers import LlavaForConditionalGeneration, pipeline",
+        "from transformers import AutoModelForImageTextToText, pipeline",
         "",
-        f'model = LlavaForConditionalGeneration.from_pretrained("{path}")',
+        f'model = AutoModelForImageTextToText.from_pretrained("{path}")  # the checkpoint\'s own class',
         f'pipe = pipeline("image-text-to-text", model="{path}")',
         "```",
         "",
         "Without `import optimum_qap`, transformers does not know the `qap` method and refuses the checkpoint (a "
         "size mismatch on an empty guard tensor). Pruning settings can be changed at load time, e.g. "
         f'`from_pretrained("{path}", quantization_config=optimum_qap.QAPrunerConfig(keep_ratio=0.25))`; '
-        "`model.dequantize()` gives a plain float LLaVA.",
+        "`model.dequantize()` gives the plain float model.",
         "",
     ]
     return ModelCard("\n".join(lines))

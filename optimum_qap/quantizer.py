@@ -16,6 +16,7 @@ from .config import QAPrunerConfig
 from .guard import add_guard, expect_guard, restore_guarded
 from .progress import progress_bar, timed_phase
 from .pruning.patch import attach_pruner
+from .pruning.support import pruner_class
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_language_model
@@ -30,8 +31,9 @@ def model_parts(model: nn.Module) -> dict[str, str]:
             names[leaf] = name
     if "language_model" not in names:
         raise ValueError(
-            f"QAPrunerConfig needs a LLaVA-style model with a `language_model` submodule; "
-            f"{type(model).__name__} has none. Load it with `LlavaForConditionalGeneration`."
+            f"QAPrunerConfig quantization is not supported for {type(model).__name__}: it quantizes the "
+            "`language_model` submodule of an image-text model, and this one has none. The supported models are "
+            "listed in the README (Supported models)."
         )
     return names
 
@@ -149,6 +151,8 @@ class QAPrunerHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
         model_parts(model)  # a model we cannot handle fails before its weights load
         config = self.quantization_config
+        if config.prunes:
+            pruner_class(model)
         if not self.pre_quantized:
             config.check_can_quantize()
         headers = read_headers(checkpoint_files or []) if self.pre_quantized else None

@@ -52,11 +52,18 @@ def test_placeholder_keep_mask_matches_images_in_row_major_order():
 def test_layout_reads_counts_padding_side_and_rejects_mismatches():
     ids = torch.tensor([[IMAGE] * 4 + [1, 2], [0, 0, IMAGE, IMAGE, IMAGE, IMAGE]])
     left = PlaceholderLayout.read(ids, IMAGE, torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]]))
-    assert left == PlaceholderLayout((4, 4), right_padded=False)
+    assert left == PlaceholderLayout((4, 4), right_padded=False, attended=(6, 4))
+    assert left.compacted_length([3, 0], 6) == 4  # the second row, untouched, is now the longest
+    assert PlaceholderLayout((4, 4), right_padded=False).compacted_length([3, 0], 6) == 6
     assert PlaceholderLayout.read(ids, IMAGE, torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0]])).right_padded
     assert left.tokens_per_image(num_images=2, full=4, kept=1) == 4
     assert left.tokens_per_image(num_images=8, full=4, kept=1) == 1
     assert left.image_rows(2) == [0, 0, 1, 1]
+    # images of different sizes (any-resolution models): 3 + 1 in the first row, 4 in the second
+    assert left.tokens_per_image(num_images=3, full=[3, 1, 4], kept=[1, 1, 1]) == [3, 1, 4]
+    assert left.image_rows([3, 1, 4]) == [0, 0, 1]
+    with pytest.raises(ValueError, match="do not hold images"):
+        left.image_rows([3, 2, 3])  # an image may not span two rows
     with pytest.raises(ValueError, match=r"3 image\(s\) need 12 placeholders \(or 3 after pruning\), the input has 8"):
         left.tokens_per_image(num_images=3, full=4, kept=1)
 
@@ -74,7 +81,7 @@ def test_scoring_selection_and_compaction_never_read_the_device():
     ids = torch.empty(2, 40, dtype=torch.long, device="meta")
     layout = PlaceholderLayout((16, 32), right_padded=False)  # read on the host before the vision tower runs
     mask = torch.empty(2, 40, dtype=torch.long, device="meta")
-    new_ids, new_mask, extra = compact_inputs(pruner, selections, tiny.NUM_PATCHES, layout, ids, mask, {"labels": ids})
+    new_ids, new_mask, extra = compact_inputs(pruner, selections, layout, ids, mask, {"labels": ids})
     assert new_ids.shape == new_mask.shape == extra["labels"].shape == (2, 40 - 12)
     with pytest.raises((RuntimeError, NotImplementedError)):
         int(ids.sum())  # the probe works: a host read of a meta tensor fails

@@ -183,7 +183,7 @@ def test_non_llava_model_gets_a_clear_error(tmp_path):
 
     LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  vocab_size=50)).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="LLaVA-style model"):
+    with pytest.raises(ValueError, match="quantization is not supported for LlamaForCausalLM.*`language_model`"):
         LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=QAPrunerConfig())
 
 

@@ -70,6 +70,11 @@ def capturing() -> Iterator[dict]:
         _CAPTURE.reset(token)
 
 
+def capture_store() -> dict | None:
+    """The calling thread's capture, inside `capturing`; None outside."""
+    return _CAPTURE.get()
+
+
 def _capture_input(_module, args, kwargs) -> None:
     store = _CAPTURE.get()
     if store is not None:

@@ -15,44 +15,80 @@ import torch
 
 @dataclass(frozen=True)
 class PlaceholderLayout:
-    """How many image placeholders each row of a batch holds, and whether the batch is padded on the right."""
+    """How many image placeholders each row of a batch holds, whether the batch is padded on the right, and how
+    many tokens each row attends to (None without an attention mask)."""
 
     per_row: tuple[int, ...]
     right_padded: bool
+    attended: tuple[int, ...] | None = None
 
     @classmethod
     def read(cls, input_ids: torch.Tensor, image_token_id: int, attention_mask: torch.Tensor | None):
-        """One host read of `input_ids` (and the mask's last column; generation always pads left)."""
+        """One host read of `input_ids` (and of the mask's row sums and last column; generation pads left)."""
+        batch = input_ids.shape[0]
         values = (input_ids == image_token_id).sum(1)
         if attention_mask is not None:
-            values = torch.cat((values, (attention_mask[:, -1] == 0).any().long().view(1)))
+            padded_right = (attention_mask[:, -1] == 0).any().long().view(1)
+            values = torch.cat((values, attention_mask.long().sum(1), padded_right))
         values = values.tolist()
-        return cls(tuple(values[: input_ids.shape[0]]), bool(values[input_ids.shape[0] :] == [1]))
+        attended = tuple(values[batch : 2 * batch]) if attention_mask is not None else None
+        return cls(tuple(values[:batch]), bool(values[2 * batch :] == [1]), attended)
+
+    def compacted_length(self, removed: list[int], length: int) -> int:
+        """Length of the batch after each row loses ``removed`` tokens: the longest row, re-padded."""
+        if self.attended is None:
+            return length - min(removed)
+        return max(kept - lost for kept, lost in zip(self.attended, removed, strict=True))
 
     @property
     def total(self) -> int:
         return sum(self.per_row)
 
-    def tokens_per_image(self, num_images: int, full: int, kept: int) -> int:
-        """N when the input holds all of each image's placeholders, K when it holds the kept ones already."""
+    def tokens_per_image(self, num_images: int, full: int | list[int], kept: int | list[int]) -> int | list[int]:
+        """N when the input holds all of each image's placeholders, K when it holds the kept ones already.
+
+        ``full`` and ``kept`` are one count for every image, or one per image (any-resolution models).
+        """
         for per_image in (full, kept):
-            if self.total == num_images * per_image and all(count % per_image == 0 for count in self.per_row):
+            if self._rows_of(_counts(per_image, num_images)) is not None:
                 return per_image
         raise ValueError(
-            f"Image features and image tokens do not match: {num_images} image(s) need {num_images * full} "
-            f"placeholders (or {num_images * kept} after pruning), the input has {self.total}."
+            f"Image features and image tokens do not match: {num_images} image(s) need "
+            f"{sum(_counts(full, num_images))} placeholders (or {sum(_counts(kept, num_images))} after pruning), "
+            f"the input has {self.total}."
         )
 
-    def image_rows(self, per_image: int) -> list[int]:
+    def image_rows(self, per_image: int | list[int]) -> list[int]:
         """The batch row of each image, in the order LLaVA fills placeholders (row-major)."""
-        return [row for row, count in enumerate(self.per_row) for _ in range(count // per_image)]
+        counts = _counts(per_image, self.total // per_image if isinstance(per_image, int) else len(per_image))
+        rows = self._rows_of(counts)
+        if rows is None:
+            raise ValueError(f"{self.total} image placeholders in rows {self.per_row} do not hold images of {counts}.")
+        return rows
+
+    def _rows_of(self, counts: list[int]) -> list[int] | None:
+        """The row of each image when images of ``counts`` placeholders fill the rows in order; None if they do not."""
+        left, rows, row = list(self.per_row), [], 0
+        for count in counts:
+            while row < len(left) and left[row] == 0:
+                row += 1
+            if row == len(left) or left[row] < count:
+                return None
+            left[row] -= count
+            rows.append(row)
+        return None if any(left) else rows
+
+
+def _counts(per_image: int | list[int], num_images: int) -> list[int]:
+    return [per_image] * num_images if isinstance(per_image, int) else list(per_image)
 
 
 def placeholder_keep_mask(input_ids: torch.Tensor, image_token_id: int, kept: torch.Tensor) -> torch.Tensor:
     """[B, L] mask that is False exactly at the placeholders of pruned image tokens.
 
-    ``kept`` is a bool [num_images, N] mask over each image's N tokens; placeholders are matched to images in
-    row-major order, as LLaVA's `masked_scatter` does. The input must hold num_images * N placeholders.
+    ``kept`` is a bool [num_images, N] mask over each image's N tokens, or those masks concatenated (images of
+    different N); placeholders are matched to images in row-major order, as LLaVA's `masked_scatter` does. The
+    input must hold exactly that many placeholders.
     """
     is_placeholder = input_ids == image_token_id
     ordinal = (is_placeholder.flatten().cumsum(0) - 1).clamp_min(0).view_as(input_ids)

@@ -24,9 +24,11 @@ import torch
 from torch import nn
 
 from . import call_state
+from .anyres import AnyResPruner, AnyResSelection
 from .compaction import PlaceholderLayout, compact, placeholder_keep_mask, positions_from_mask
 from .lengths import lengths_for_compacted_prompt
 from .pruner import ImageSelection, TokenPruner
+from .support import pruner_class
 
 __all__ = [
     "ImageSelection",
@@ -42,24 +44,35 @@ __all__ = [
 ]
 
 
-def compact_inputs(
-    pruner: TokenPruner, selections, num_tokens: int, layout: PlaceholderLayout, input_ids, attention_mask, extra
-):
+def image_token_counts(selections: list[ImageSelection]) -> tuple[list[int], list[int]]:
+    """N and K of each image: all its visual tokens (an any-resolution image's newlines included) and the kept."""
+    full = [s.num_tokens if isinstance(s, AnyResSelection) else len(s.semantic) for s in selections]
+    return full, [len(s.kept) for s in selections]
+
+
+def compact_inputs(pruner: TokenPruner, selections, layout: PlaceholderLayout, input_ids, attention_mask, extra):
     """Drop pruned placeholders when the input holds all N per image; a no-op when it holds K already."""
-    num_images, budget = len(selections), len(selections[0].kept)
-    if layout.tokens_per_image(num_images, num_tokens, budget) == budget:
+    full, budgets = image_token_counts(selections)
+    if layout.tokens_per_image(len(selections), full, budgets) is budgets:
         pruner.last_positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         return input_ids, attention_mask, extra
-    kept = torch.zeros(num_images, num_tokens, dtype=torch.bool, device=input_ids.device)
-    kept.scatter_(1, torch.stack([s.kept for s in selections]).to(input_ids.device), True)
+    device = input_ids.device
+    kept = torch.cat([
+        torch.zeros(count, dtype=torch.bool, device=device).index_fill_(0, s.kept.to(device), True)
+        for count, s in zip(full, selections, strict=True)
+    ])
     keep = placeholder_keep_mask(input_ids, pruner.image_token_id, kept)
-    removed = [count // num_tokens * (num_tokens - budget) for count in layout.per_row]
+    if attention_mask is not None:  # padding goes too: rows are re-padded to the longest compacted row
+        keep &= attention_mask.bool()
+    removed = [0] * input_ids.shape[0]
+    for row, count, budget in zip(layout.image_rows(full), full, budgets, strict=True):
+        removed[row] += count - budget
     pad_id = pruner.base.config.text_config.pad_token_id
     fills = {"input_ids": 0 if pad_id is None else pad_id, "attention_mask": 0, "labels": -100, "positions": -1}
     # where each kept position sits in the caller's input_ids (`last_positions`)
     positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions, **extra}
-    new_length = input_ids.shape[1] - min(removed)
+    new_length = layout.compacted_length(removed, input_ids.shape[1])
     result = compact(keep, tensors, fills, not layout.right_padded, new_length)
     pruner.last_positions = result.pop("positions")
     padding = result.pop("padding")
@@ -77,14 +90,17 @@ def _encode_and_compact(model, pruner: TokenPruner, pixel_values, input_ids, att
     outputs, selections = pruner.encode(
         model._qap_original["get_image_features"], pixel_values, input_ids, attention_mask, layout, **vision_kwargs
     )
-    num_tokens = len(selections[0].semantic)
-    input_ids, attention_mask, extra = compact_inputs(
-        pruner, selections, num_tokens, layout, input_ids, attention_mask, extra
-    )
+    input_ids, attention_mask, extra = compact_inputs(pruner, selections, layout, input_ids, attention_mask, extra)
     return outputs, input_ids, attention_mask, extra
 
 
-_VISION_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+_VISION_KWARGS = (
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_sizes",
+    "vision_aspect_ratio",  # OneVision
+    "batch_num_images",  # OneVision: several images in a prompt are not tiled
+)
 
 
 def pruned_forward(model, *args, **kwargs):
@@ -145,12 +161,16 @@ def _restore_prompt(result, prompt: torch.Tensor, compact_length: int):
     return result
 
 
-def pruned_image_features(model, pixel_values, **kwargs):
+def pruned_image_features(model, pixel_values, *args, **kwargs):
     """`get_image_features` returning only the kept tokens of each image."""
     pruner: TokenPruner = model.qap_pruner
     original = model._qap_original["get_image_features"]
     if not pruner.active:
-        return original(pixel_values=pixel_values, **kwargs)
+        return original(pixel_values, *args, **kwargs)
+    if args:  # e.g. LLaVA-NeXT's image_sizes
+        kwargs = inspect.signature(original).bind_partial(pixel_values, *args, **kwargs).arguments
+        kwargs = {**kwargs.pop("kwargs", {}), **kwargs}
+        pixel_values = kwargs.pop("pixel_values")
     # encode always asks for the output object; honour the caller's return_dict as transformers' can_return_tuple does
     return_dict = kwargs.pop("return_dict", None)
     outputs, _ = pruner.encode(original, pixel_values, None, None, **kwargs)
@@ -216,10 +236,9 @@ def attach_pruner(model: nn.Module, config) -> TokenPruner:
 
     On a model loaded with QAPrunerConfig, ``config`` also becomes the config that `save_pretrained` writes.
     """
-    if not hasattr(model, "model") or not hasattr(model.model, "get_image_features"):
-        raise ValueError(f"QAPruner token pruning needs a LLaVA model; got {type(model).__name__}.")
+    pruner_type = pruner_class(model)
     _adopt_config(model, config)
-    pruner = TokenPruner(model, config)
+    pruner = pruner_type(model, config)
     if not hasattr(model, "_qap_original"):
         model._qap_original = {
             "forward": model.forward,
@@ -302,6 +321,11 @@ def compact_processor(processor, model: nn.Module):
     import copy
 
     pruner: TokenPruner = model.qap_pruner
+    if isinstance(pruner, AnyResPruner):
+        raise ValueError(
+            f"compact_processor() needs a fixed number of visual tokens per image; {type(model).__name__} gives "
+            "each image as many as its size needs. Pass the base processor's inputs: the model prunes them."
+        )
     num_tokens = visual_tokens_per_image(model.config)
     compact_copy = copy.deepcopy(processor)
     # LlavaProcessor emits (H/p)*(W/p) + num_additional_image_tokens (- 1 for the "default" strategy) placeholders;

@@ -272,6 +272,10 @@ class TokenPruner:
             raise ValueError("QAPrunerConfig.semantic='cdpruner' needs input_ids to read the instruction.")
         layout = layout or PlaceholderLayout.read(input_ids, self.image_token_id, attention_mask)
         rows = layout.image_rows(layout.tokens_per_image(num_images, num_tokens, self.budget(num_tokens)))
+        return self.instructions_of_rows(input_ids, attention_mask, rows)
+
+    def instructions_of_rows(self, input_ids, attention_mask, rows: list[int]) -> list:
+        """The instruction of each image, given the batch row it sits in."""
         text = input_ids != self.image_token_id
         if attention_mask is not None:
             text &= attention_mask.bool()
