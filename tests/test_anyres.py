@@ -10,7 +10,7 @@ import tiny
 import tiny_anyres
 import torch
 from test_concurrency import serve
-from test_pruning_integration import hand_compacted, new_tokens, reference_generate
+from test_pruning_integration import assert_pruned_equals_hand_compacted, new_tokens, reference_generate
 from transformers import AutoModelForImageTextToText
 from transformers import pipeline as hf_pipeline
 
@@ -48,21 +48,7 @@ def batch(processor, prompts=PROMPTS, image_list=None):
 @pytest.mark.parametrize(("kind", "semantic"), VARIANTS)
 def test_generate_and_forward_equal_unpruned_model_fed_kept_tokens(repos, kind, semantic):
     model, processor = load(repos[kind], semantic=semantic)
-    inputs = batch(processor)
-    assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # left padding of three lengths
-    generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
-    assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
-    embeds, mask = hand_compacted(model, inputs)
-    with pruning_disabled(model):
-        reference = model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(new_tokens(generated, inputs), reference)
-
-    logits = model(**inputs).logits
-    with pruning_disabled(model):
-        expected = model(inputs_embeds=embeds, attention_mask=mask).logits
-    text = mask.bool()
-    assert logits.shape == expected.shape
-    assert torch.equal(logits[text], expected[text])
+    assert_pruned_equals_hand_compacted(model, batch(processor))
 
 
 @pytest.mark.parametrize(("kind", "semantic"), VARIANTS)

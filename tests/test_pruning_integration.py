@@ -97,8 +97,11 @@ GRANULARITIES = [
 
 @pytest.mark.parametrize("quantization", GRANULARITIES, ids=lambda q: f"{q.get('a_granularity', 'fp')}")
 def test_generate_and_forward_equal_unpruned_model_fed_kept_tokens(tiny_repo, quantization):
-    model = load(tiny_repo, **quantization)
-    inputs = batch()
+    assert_pruned_equals_hand_compacted(load(tiny_repo, **quantization), batch())
+
+
+def assert_pruned_equals_hand_compacted(model, inputs) -> None:
+    """Batched, left-padded generate and forward of ``model`` equal the unpruned model fed the kept tokens."""
     assert len(set(inputs["attention_mask"].sum(1).tolist())) == 3  # left padding of three lengths
     generated = model.generate(**inputs, max_new_tokens=6, do_sample=False)
     assert torch.equal(generated[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
