@@ -65,6 +65,11 @@ def observing_inputs(modules: Iterable[QuantLinear]) -> Iterator[None]:
         module.set_input_ranges(*(seen if seen is not None else (nan, nan)))
 
 
+def needs_gradient(x: torch.Tensor) -> bool:
+    """Whether autograd records this call: the straight-through path, which the fused kernels cannot serve."""
+    return x.requires_grad and torch.is_grad_enabled()
+
+
 class StraightThrough(torch.autograd.Function):
     """``quantize(x)`` in the forward, the identity in the backward: the straight-through estimator of QAT and
     QLoRA (rounding has a zero gradient almost everywhere, and the range's gradient would only add noise)."""
@@ -111,6 +116,14 @@ class QuantLinear(nn.Module):
         self._cache_weight = False
         self._cached_weight: torch.Tensor | None = None
         self.kernels = "auto"
+        # what the layout allows, fixed per layer: the int4 kernels' group size (None: not servable) and whether
+        # the integer GEMM fits; matmul_path adds the per-call conditions (device, dtype, tokens)
+        self._int4_group = (kernels.int4_kernel_group_size(in_features, self.weight_group_size, out_features)
+                            if spec.packs_weight and spec.w_bits == 4 else None)
+        self._int8_fits = (spec.packs_weight and self.weight_group_size is None
+                           and in_features % 8 == 0 and out_features % 8 == 0
+                           and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits,
+                                                           spec.a_granularity, spec.a_symmetric))
         # (path, device, dtype) -> (fingerprint of the saved buffers it was derived from, kernel-format tensors)
         self._kernel_cache: dict[tuple, tuple] = {}
         if spec.packs_weight:
@@ -211,7 +224,7 @@ class QuantLinear(nn.Module):
         """Fake-quantized ``x``; under autograd its gradient passes the rounding unchanged (straight-through)."""
         if self.spec.a_bits >= 16:
             return x
-        if x.requires_grad and torch.is_grad_enabled():
+        if needs_gradient(x):
             return StraightThrough.apply(x, self._fake_quantize)
         return self._fake_quantize(x)
 
@@ -265,20 +278,14 @@ class QuantLinear(nn.Module):
     def matmul_path(self, x: torch.Tensor) -> str:
         """The path a call with input ``x`` takes: "int4_weight_only", "int8_gemm" or "simulated" (dequantize the
         weight, fake-quantize the input, dense matmul). See `optimum_qap.quant.kernels`."""
-        spec = self.spec
-        if (self.kernels == "simulated" or not spec.packs_weight or self._cache_weight
-                or (x.requires_grad and torch.is_grad_enabled())):
+        if self.kernels == "simulated" or self._cache_weight or needs_gradient(x):
             return "simulated"
         device = x.device.type
         tokens = x.numel() // self.in_features
-        if (tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")) and self.weight_group_size is None
-                and self.in_features % 8 == 0 and self.out_features % 8 == 0
-                and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_granularity,
-                                                spec.a_symmetric)):
+        if self._int8_fits and tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")):
             return "int8_gemm"
-        if (tokens <= kernels.INT4_MAX_TOKENS.get(device, 0) and spec.w_bits == 4
-                and x.dtype in kernels.INT4_DTYPES.get(device, ())
-                and kernels.int4_kernel_group_size(self.in_features, self.weight_group_size, self.out_features)):
+        if (self._int4_group and tokens <= kernels.INT4_MAX_TOKENS.get(device, 0)
+                and x.dtype in kernels.INT4_DTYPES.get(device, ())):
             return "int4_weight_only"
         return "simulated"
 
@@ -303,10 +310,9 @@ class QuantLinear(nn.Module):
         zero = self.weight_zero if not self.spec.w_symmetric else None
         if path == "int8_gemm":
             return kernels.centered_weight_codes(codes, zero, self.spec.w_bits), self.weight_scale.reshape(-1)
-        group = kernels.int4_kernel_group_size(self.in_features, self.weight_group_size, self.out_features)
-        repeat = self.in_features // group if self.weight_group_size is None else 1
+        repeat = self.in_features // self._int4_group if self.weight_group_size is None else 1
         table = kernels.int4_scale_and_zero(self.weight_scale, zero, self.spec.w_bits, repeat, dtype)
-        return kernels.pack_int4_for_kernel(codes), group, table
+        return kernels.pack_int4_for_kernel(codes), self._int4_group, table
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
