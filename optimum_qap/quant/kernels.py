@@ -93,8 +93,9 @@ def int8_gemm(
     x: torch.Tensor, weight_codes: torch.Tensor, weight_scale: torch.Tensor, bits: int, symmetric: bool
 ) -> torch.Tensor:
     """W4A4 as an integer GEMM: per-token activation codes times per-channel weight codes ([out, in] int8),
-    accumulated exactly in int32 and scaled once in float32; returns ``x.dtype``."""
+    accumulated exactly in int32 and scaled once in float32 (``weight_scale``: float32 [1, out]); returns
+    ``x.dtype``."""
     codes, scale = qf.per_token_codes(x.reshape(-1, x.shape[-1]), bits, symmetric)
     accumulated = torch._int_mm(codes.to(torch.int8), weight_codes.t())
-    out = accumulated.float().mul_(scale).mul_(weight_scale.float().reshape(1, -1)).to(x.dtype)
+    out = accumulated.float().mul_(scale).mul_(weight_scale).to(x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

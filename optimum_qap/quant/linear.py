@@ -309,7 +309,8 @@ class QuantLinear(nn.Module):
         codes = unpack_codes(self.weight_packed, self.spec.w_bits, self.in_features)
         zero = self.weight_zero if not self.spec.w_symmetric else None
         if path == "int8_gemm":
-            return kernels.centered_weight_codes(codes, zero, self.spec.w_bits), self.weight_scale.reshape(-1)
+            weight_scale = self.weight_scale.float().reshape(1, -1)
+            return kernels.centered_weight_codes(codes, zero, self.spec.w_bits), weight_scale
         repeat = self.in_features // self._int4_group if self.weight_group_size is None else 1
         table = kernels.int4_scale_and_zero(self.weight_scale, zero, self.spec.w_bits, repeat, dtype)
         return kernels.pack_int4_for_kernel(codes), self._int4_group, table
