@@ -114,33 +114,26 @@ def symmetric_codes(x: torch.Tensor, absmax: torch.Tensor, bits: int, copied: bo
     return (x if copied else float_copy(x)).div_(scale).round_().clamp_(-limit - 1, limit), scale
 
 
-def fake_quant_asymmetric(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with the asymmetric range [low, high] (broadcast against ``x``)."""
-    codes, scale = asymmetric_codes(x, low, high, bits)
-    return codes.mul_(scale).to(x.dtype)
-
-
-def fake_quant_symmetric(x: torch.Tensor, absmax: torch.Tensor, bits: int) -> torch.Tensor:
-    """Quantize-dequantize ``x`` with the symmetric range [-absmax, absmax] (broadcast against ``x``)."""
-    codes, scale = symmetric_codes(x, absmax, bits)
-    return codes.mul_(scale).to(x.dtype)
+def range_codes(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool,
+                copied: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scale of ``x`` over the range [low, high] (broadcast against ``x``), symmetric or asymmetric."""
+    if symmetric:
+        return symmetric_codes(x, torch.maximum(low.abs(), high.abs()), bits, copied)
+    return asymmetric_codes(x, low, high, bits, copied)
 
 
 def fake_quant_range(x: torch.Tensor, low: torch.Tensor, high: torch.Tensor, bits: int, symmetric: bool):
     """Fake quantization of ``x`` over the range [low, high], symmetric or asymmetric."""
-    if symmetric:
-        return fake_quant_symmetric(x, torch.maximum(low.abs(), high.abs()), bits)
-    return fake_quant_asymmetric(x, low, high, bits)
+    codes, scale = range_codes(x, low, high, bits, symmetric)
+    return codes.mul_(scale).to(x.dtype)
 
 
 def per_token_codes(x: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dynamic per-token (last dim = channels) centred codes and scales: what `fake_quant_per_token` rounds to."""
+    """Dynamic centred codes and scales with one range per vector along the last dim (a token's channels, or a
+    group of them): what `fake_quant_per_token` and `fake_quant_per_group` round to."""
     x = float_copy(x)
     # two reductions, not `aminmax`: PyTorch's CPU aminmax over the last dim is 5x slower than amin plus amax
-    low, high = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-    if symmetric:
-        return symmetric_codes(x, torch.maximum(low.abs(), high.abs()), bits, copied=True)
-    return asymmetric_codes(x, low, high, bits, copied=True)
+    return range_codes(x, x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits, symmetric, copied=True)
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -151,6 +144,5 @@ def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.T
 
 def fake_quant_per_group(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
     """Dynamic quantization with one range per token and per group of ``group_size`` channels."""
-    groups = split_groups(x, group_size)
-    low, high = torch.aminmax(groups.float(), dim=-1, keepdim=True)
-    return merge_groups(fake_quant_range(groups, low, high, bits, symmetric), x.shape[-1])
+    codes, scale = per_token_codes(split_groups(x, group_size), bits, symmetric)
+    return merge_groups(codes.mul_(scale).to(x.dtype), x.shape[-1])
