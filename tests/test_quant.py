@@ -7,7 +7,7 @@ from torch import nn
 from optimum_qap import QuantLinear, QuantSpec, UncalibratedError
 from optimum_qap.quant import functional as qf
 from optimum_qap.quant.linear import observing_inputs
-from optimum_qap.quant.packing import pack_codes, packed_length, unpack_codes
+from optimum_qap.quant.packing import pack_codes, packed_length, unpack_codes, unpack_codes_as_float
 
 
 def reference_fake_quant(values: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
@@ -43,6 +43,33 @@ def test_packing_round_trip_and_size(bits, length):
     assert torch.equal(unpack_codes(packed, bits, length), codes.to(torch.uint8))
     if length % 8 == 0:
         assert packed.numel() * 8 == codes.numel() * bits
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bits,length", [(4, 64), (4, 13), (3, 40), (8, 16)])
+def test_codes_unpacked_as_float_equal_the_integer_codes(dtype, bits, length):
+    """The bit-assembled float codes (4-bit, 16-bit floats) and the convert fallback (other cases) hold
+    code + offset exactly, in a fresh tensor."""
+    codes = torch.randint(0, 2**bits, (6, length), generator=torch.Generator().manual_seed(length))
+    packed = pack_codes(codes, bits)
+    floats, offset = unpack_codes_as_float(packed, bits, length, dtype)
+    assert floats.dtype == dtype and floats.shape == codes.shape
+    assembled = bits == 4 and length % 2 == 0 and dtype != torch.float32
+    assert offset == ({torch.bfloat16: 128, torch.float16: 1024}[dtype] if assembled else 0)
+    assert torch.equal(floats.double() - offset, codes.double())
+    assert floats.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_dequantization_from_float_codes_is_bit_identical(dtype, symmetric):
+    weight = torch.randn(16, 256, generator=torch.Generator().manual_seed(2)).to(dtype)
+    codes = qf.quantize_weight(weight, 4, 64, symmetric)
+    scale = codes.scale.to(dtype)
+    expected = qf.dequantize_weight(codes.codes, scale, codes.zero, 4, 64, dtype)
+    floats, offset = unpack_codes_as_float(pack_codes(codes.codes, 4), 4, 256, dtype)
+    assert offset > 0
+    assert torch.equal(qf.dequantize_weight(floats, scale, codes.zero, 4, 64, dtype, offset), expected)
 
 
 @pytest.mark.parametrize("bits", [3, 4, 8])

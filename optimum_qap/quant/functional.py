@@ -81,12 +81,20 @@ def dequantize_weight(
     bits: int,
     group_size: int | None,
     dtype: torch.dtype,
+    offset: int | None = None,
 ) -> torch.Tensor:
-    """Weight in ``dtype`` from unsigned codes [out, in] and per-group scale / zero point [out, groups]."""
-    groups = split_groups(codes, group_size).to(scale.dtype)  # a fresh copy: the integer codes are never floats
-    center = zero.to(scale.dtype).unsqueeze(-1) if zero is not None else 2 ** (bits - 1)
-    # subtract first: codes - center is exact in any float dtype, so the product rounds once. In place, because
-    # each out-of-place pass would allocate (and page-fault) another weight-sized buffer: 3x slower on CPU.
+    """Weight in ``dtype`` from unsigned codes [out, in] and per-group scale / zero point [out, groups].
+
+    ``offset``: ``codes`` is instead a fresh float tensor of ``scale.dtype`` holding ``code + offset``
+    (`packing.unpack_codes_as_float`), which the dequantization overwrites.
+    """
+    groups = split_groups(codes, group_size)
+    if offset is None:
+        groups, offset = groups.to(scale.dtype), 0  # a fresh copy: the caller's codes stay integers
+    center = (zero.to(scale.dtype).unsqueeze(-1) if zero is not None else 2 ** (bits - 1)) + offset
+    # subtract first: (code + offset) - (zero + offset) is exact in any float dtype (small integers), so the
+    # product rounds once. In place, because each out-of-place pass would allocate (and page-fault) another
+    # weight-sized buffer: 3x slower on CPU.
     weight = groups.sub_(center).mul_(scale.unsqueeze(-1))
     return merge_groups(weight, codes.shape[-1]).to(dtype)
 

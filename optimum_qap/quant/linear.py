@@ -12,7 +12,7 @@ from torch import nn
 
 from . import functional as qf
 from . import kernels
-from .packing import pack_codes, packed_length, unpack_codes
+from .packing import pack_codes, packed_length, unpack_codes, unpack_codes_as_float
 
 # elements quantized at once: bounds the float32 temporaries (~64 MB each) whatever the layer size
 QUANTIZE_BLOCK_ELEMENTS = 2**24
@@ -202,11 +202,11 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if not self.spec.packs_weight:
             return self.weight
-        codes = unpack_codes(self.weight_packed, self.spec.w_bits, self.in_features)
+        codes, offset = unpack_codes_as_float(self.weight_packed, self.spec.w_bits, self.in_features,
+                                              self.weight_scale.dtype)
         zero = self.weight_zero if not self.spec.w_symmetric else None
-        return qf.dequantize_weight(
-            codes, self.weight_scale, zero, self.spec.w_bits, self.weight_group_size, self.weight_scale.dtype
-        )
+        return qf.dequantize_weight(codes, self.weight_scale, zero, self.spec.w_bits, self.weight_group_size,
+                                    self.weight_scale.dtype, offset)
 
     def cache_dequantized_weight(self, enabled: bool = True) -> None:
         """Keep the dequantized weight between calls: faster decoding, at the memory cost of a float weight."""
