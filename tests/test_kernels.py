@@ -88,7 +88,9 @@ def assert_within(fast: torch.Tensor, reference: torch.Tensor, bound: torch.Tens
                          list(itertools.product((32, 64, 128, 256, None), (False, True), (False, True))))
 def test_int4_weight_only_matches_simulated(device, dtype, group_size, w_symmetric, a_symmetric):
     module = layer(QuantSpec(w_group_size=group_size, w_symmetric=w_symmetric, a_symmetric=a_symmetric), dtype, device)
-    x = torch.randn(3, 2, module.in_features, device=device, dtype=dtype)
+    # as many tokens as the int4 path takes before per-channel layouts move to the integer GEMM
+    tokens = min(kernels.INT8_MIN_TOKENS[device] - 1, kernels.INT4_MAX_TOKENS[device])
+    x = torch.randn(1, tokens, module.in_features, device=device, dtype=dtype)
     with torch.no_grad():
         assert module.matmul_path(x) == "int4_weight_only"
         fast, reference = module(x), simulated(module, x)
