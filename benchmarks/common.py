@@ -72,6 +72,14 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def resident_bytes() -> dict[str, int]:
+    """This process's resident set now, split into anonymous memory (including copy-on-write pages of a
+    memory-mapped checkpoint that were written) and file pages (pages of the checkpoint that were only read)."""
+    with open("/proc/self/status") as status:
+        fields = dict(line.split(":", 1) for line in status if line.startswith(("RssAnon:", "RssFile:")))
+    return {name: int(value.split()[0]) * 1024 for name, value in fields.items()}
+
+
 def tensor_bytes_by_part(folder: str) -> dict[str, int]:
     """Bytes in the folder's safetensors of decoder layers vs everything else."""
     from safetensors import safe_open

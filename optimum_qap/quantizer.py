@@ -14,6 +14,7 @@ from transformers.quantizers.base import HfQuantizer
 from .checkpoint import LAYOUT_KEY, check_layout, check_tensors, layout, model_keys, read_headers
 from .config import QAPrunerConfig
 from .guard import add_guard, expect_guard, restore_guarded
+from .mapped_pages import released_when_dropped
 from .progress import progress_bar, timed_phase
 from .pruning.patch import attach_pruner
 from .pruning.support import pruner_class
@@ -60,11 +61,13 @@ def linear_names_to_quantize(model: nn.Module, config: QAPrunerConfig) -> list[s
 def _swap_linears(
     model: nn.Module, names: list[str], make: Callable[[str, nn.Linear], nn.Module], progress: bool = False
 ) -> None:
-    """Replace each named linear by ``make(name, linear)``, one at a time (the old module is released each time)."""
+    """Replace each named linear by ``make(name, linear)``, one at a time: the old module is released each time,
+    and with it its weight's pages where they lie in the memory-mapped checkpoint (mapped_pages.py)."""
     for name in progress_bar(names, "Quantizing", progress and bool(names), unit="linear"):
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(name, getattr(parent, child)))
+        with released_when_dropped(getattr(parent, child).parameters()):
+            setattr(parent, child, make(name, getattr(parent, child)))
 
 
 def replace_linears(model: nn.Module, config: QAPrunerConfig, awaiting_weight: bool) -> list[str]:

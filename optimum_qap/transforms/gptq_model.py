@@ -122,8 +122,10 @@ def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config
                    if isinstance(m, nn.Linear) and layer_prefix + n in selected}
         codes, errors = _quantize_layer(layer, linears, inputs, config)
         report.update(errors)
-        quantize_linears(model, config, codes, names=list(linears))
-        del codes, linears  # the float weights of this layer go with them
+        names = list(linears)
+        del linears  # no name may hold the float linears, or their memory-mapped pages could not be released
+        quantize_linears(model, config, codes, names=names)
+        del codes
         if config.rotation:
             attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
         quantized = [m for m in layer.modules() if isinstance(m, QuantLinear)]
