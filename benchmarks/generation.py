@@ -2,7 +2,8 @@
 
 LLaVA-1.5-7B shapes, decoder truncated, random weights, QAPrunerConfig defaults (rotated W4A4 per token, keep
 12.5 %), against the same checkpoint loaded plainly in the same dtype. The compressed model is timed pruned and
-unpruned, on its automatic kernels and forced to the simulated path (what every call ran before the kernels).
+unpruned, on its automatic kernels and forced to the simulated path (what every call ran before the kernels), and
+with per-channel weights (`w_group_size=None`, the layout the integer GEMM serves).
 Run: python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4 --dtype bfloat16
 """
 
@@ -48,15 +49,24 @@ def run(decoder_layers: int, workdir: str, dtype: torch.dtype, new_tokens: int, 
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, dtype=dtype, device_map=device, quantization_config=optimum_qap.QAPrunerConfig()
     )
-    for each in (plain, model):
+    # per-channel weights: the layout the integer GEMM serves
+    per_channel = LlavaForConditionalGeneration.from_pretrained(
+        folder, dtype=dtype, device_map=device, quantization_config=optimum_qap.QAPrunerConfig(w_group_size=None)
+    )
+    for each in (plain, model, per_channel):
         each.generation_config.pad_token_id = 0
     processor = llava_7b_processor()
     sample = optimum_qap.builtin_calibration_samples(1)[0]
     inputs = optimum_qap.calibration.model_inputs(model, processor, sample["image"], "USER: <image>\n" + " w5" * 40)
     with torch.inference_mode():
-        prefill = interleaved_medians({"plain": lambda: plain(**inputs), "pruned": lambda: model(**inputs)}, repeats)
+        prefill = interleaved_medians({"plain": lambda: plain(**inputs), "pruned": lambda: model(**inputs),
+                                       "pruned_per_channel": lambda: per_channel(**inputs)}, repeats)
+        with optimum_qap.pruning_disabled(model), optimum_qap.pruning_disabled(per_channel):
+            unpruned = interleaved_medians({"plain": lambda: plain(**inputs), "unpruned": lambda: model(**inputs),
+                                            "unpruned_per_channel": lambda: per_channel(**inputs)}, repeats)
         decode = {"plain": decode_tokens_per_second(plain, inputs, new_tokens, repeats),
-                  "pruned": decode_tokens_per_second(model, inputs, new_tokens, repeats)}
+                  "pruned": decode_tokens_per_second(model, inputs, new_tokens, repeats),
+                  "pruned_per_channel": decode_tokens_per_second(per_channel, inputs, new_tokens, repeats)}
         with optimum_qap.pruning_disabled(model):
             decode["unpruned"] = decode_tokens_per_second(model, inputs, new_tokens, repeats)
         optimum_qap.set_kernels(model, "simulated")
@@ -66,11 +76,16 @@ def run(decoder_layers: int, workdir: str, dtype: torch.dtype, new_tokens: int, 
     optimum_qap.calibrate(model, processor, optimum_qap.builtin_calibration_samples(calib_samples), progress=False)
     per_sample = (time.perf_counter() - start) / calib_samples
     return {
+        "prompt_tokens": int(inputs["input_ids"].shape[-1]),
         "prefill_s_plain": prefill["plain"],
         "prefill_s_pruned": prefill["pruned"],
         "prefill_pruned_over_plain": prefill["pruned"] / prefill["plain"],
+        "prefill_pruned_per_channel_over_plain": prefill["pruned_per_channel"] / prefill["plain"],
+        "prefill_unpruned_over_plain": unpruned["unpruned"] / unpruned["plain"],
+        "prefill_unpruned_per_channel_over_plain": unpruned["unpruned_per_channel"] / unpruned["plain"],
         **{f"decode_tokens_per_s_{name}": value for name, value in decode.items()},
         "decode_pruned_over_plain": decode["pruned"] / decode["plain"],
+        "decode_pruned_per_channel_over_plain": decode["pruned_per_channel"] / decode["plain"],
         "decode_speedup": decode["pruned"] / decode["unpruned"],
         "decode_kernels_over_simulated": decode["pruned"] / decode["pruned_simulated"],
         "calibration_s_per_sample": per_sample,

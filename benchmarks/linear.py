@@ -4,7 +4,7 @@ qap rows run on the path `QuantLinear` picks (`kernels="auto"`: int4 weight-only
 the path is printed per row) and, for reference, forced to the simulated path. Also times torchao's int4
 weight-only and int8-dynamic-activation/int4-weight linears and optimum-quanto's int4-weight (with and without
 int8 activations) when they are installed (`pip install -e ".[bench]"`). Ratios are measured side by side in one run.
-Run: python benchmarks/linear.py --dtype bfloat16 --tokens 1,64,600
+Run: python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600
 """
 
 from __future__ import annotations
@@ -85,10 +85,18 @@ def peer_layers(linear: nn.Linear) -> dict[str, nn.Module]:
     return peers
 
 
+def repeated(layer: nn.Module, x: torch.Tensor, count: int):
+    def call():
+        for _ in range(count):
+            layer(x)
+
+    return call
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tokens", default="1,64,600")
+    parser.add_argument("--tokens", default="1,16,64,600")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peers", action="store_true", help="also time optimum-quanto and torchao")
     args = parser.parse_args()
@@ -107,18 +115,21 @@ def main() -> None:
                 row = {"shape": f"{in_features}x{out_features}", "tokens": tokens,
                        "qap paths": {name: layer.matmul_path(x) for name, layer in layers.items()
                                      if isinstance(layer, QuantLinear)}}
-                calls = {"linear": lambda linear=linear, x=x: linear(x)}
+                # a sample of short calls runs several of them, so that timer and scheduler noise stays small
+                # next to differences of a few percent
+                inner = max(1, 64 // tokens)
+                calls = {"linear": repeated(linear, x, inner)}
                 for name, layer in layers.items():
                     try:
                         if isinstance(layer, str):
                             raise RuntimeError(layer)
                         layer(x)
-                        calls[name] = lambda layer=layer, x=x: layer(x)
+                        calls[name] = repeated(layer, x, inner)
                     except Exception as error:  # noqa: BLE001 - a failing peer is reported, not fatal
                         row[name] = str(error)[:160]
                 # timed in turn within every repeat, so that drift falls on all of them alike
                 medians = interleaved_medians(calls, args.repeats)
-                row["linear_ms"] = medians["linear"] * 1e3
+                row["linear_ms"] = medians["linear"] / inner * 1e3
                 row.update({name: seconds / medians["linear"] for name, seconds in medians.items() if name != "linear"})
                 rows.append(row)
                 print(json.dumps(row), flush=True)

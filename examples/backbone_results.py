@@ -36,6 +36,9 @@ def backbones(calibration: list[dict]) -> dict[str, optimum_qap.QAPrunerConfig |
         "W4A4 RTN, no rotation (previous default)": optimum_qap.QAPrunerConfig(rotation=False, **dense),
         "W4A4 rotation + RTN": optimum_qap.QAPrunerConfig(rotation=True, **dense),
         "W4A4 rotation + GPTQ": optimum_qap.QAPrunerConfig(rotation=True, calibration=calibration, **dense),
+        # the layout the CPU integer GEMM serves (docs/performance.md)
+        "W4A4 rotation + GPTQ, per-channel weights": optimum_qap.QAPrunerConfig(
+            rotation=True, calibration=calibration, w_group_size=None, **dense),
     }
 
 
