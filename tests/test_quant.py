@@ -94,6 +94,23 @@ def test_dynamic_activation_granularities_match_reference(symmetric):
     torch.testing.assert_close(per_group.double(), reference_rows(flat, 4, 16, symmetric), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("group_size", [None, 128])
+def test_a_nan_token_stays_nan_and_leaves_the_other_tokens_alone(symmetric, group_size):
+    """On every path: the fake-quantized row is NaN (not finite garbage from int8-cast NaN codes), the rest is
+    what the same input without that row gives."""
+    spec = QuantSpec(w_group_size=group_size, a_symmetric=symmetric)
+    layer = QuantLinear.from_linear(nn.Linear(256, 64).bfloat16(), spec)
+    x = torch.randn(40, 256, generator=torch.Generator().manual_seed(3)).bfloat16()
+    x[7, 3] = float("nan")
+    for kernels in ("auto", "simulated"):
+        layer.kernels = kernels
+        with torch.no_grad():
+            out, clean = layer(x), layer(torch.cat((x[:7], x[8:])))
+        assert out[7].isnan().all()
+        torch.testing.assert_close(torch.cat((out[:7], out[8:])), clean, rtol=0, atol=0)
+
+
 def reference_static(x, low, high, bits, symmetric):
     """Per-channel static range: quantize each channel with its own calibrated [low, high]."""
     x = x.double()
