@@ -62,9 +62,12 @@ def saved_calibration(folder: Path, count: int) -> tuple[list[dict], list[dict]]
     return paths, [{"image": e.image, "text": e.question, "answer": e.answer} for e in examples]
 
 
-def evaluate_model(path, processor, dataset, calibration, samples, batch_size, log, dense_only=False) -> list[dict]:
+def evaluate_model(path, processor, dataset, calibration, samples, batch_size, log, dense_only=False,
+                   only: set[str] | None = None) -> list[dict]:
     rows, fp_hits, previous_hits = [], {}, {}
     for backbone, config in backbones(calibration).items():
+        if only is not None and backbone not in only and backbone != "FP" and not backbone.startswith("W4A4 RTN"):
+            continue  # FP and the previous default stay: the paired references of every other row
         start = time.perf_counter()
         if config is None:
             model = LlavaForConditionalGeneration.from_pretrained(path)
@@ -160,13 +163,16 @@ def main() -> None:
     parser.add_argument("--models", default="outlier,demo", help="comma-separated: outlier, demo")
     parser.add_argument("--dense-only", action="store_true", help="only the unpruned row of each backbone")
     parser.add_argument("--gptq-layers", action="store_true", help="only print GPTQ's per-layer error reduction")
+    parser.add_argument("--backbones", type=lambda text: set(text.split(";")), default=None,
+                        help="';'-separated backbone names to evaluate (FP and the previous default always run)")
     parser.add_argument("--output", default="docs/backbone.json")
     args = parser.parse_args()
     torch.manual_seed(0)
     start = time.perf_counter()
     dataset = load_eval_dataset("demo", limit=args.limit)
     report = {"command": (f"python examples/backbone_results.py --limit {args.limit} --calib-samples "
-                          f"{args.calib_samples} --models {args.models}" + " --dense-only" * args.dense_only),
+                          f"{args.calib_samples} --models {args.models}" + " --dense-only" * args.dense_only
+                          + (f" --backbones '{';'.join(sorted(args.backbones))}'" if args.backbones else "")),
               "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
@@ -183,7 +189,7 @@ def main() -> None:
             processor = AutoProcessor.from_pretrained(paths[key])
             rows = evaluate_model(paths[key], processor, dataset, calibration, samples, args.batch_size,
                                   lambda row: print(json.dumps({k: row[k] for k in ("name", "accuracy")}), flush=True),
-                                  args.dense_only)
+                                  args.dense_only, args.backbones)
             report[key] = rows
             print(f"\n## {key}\n\n{markdown(rows)}\n", flush=True)
     report["seconds"] = round(time.perf_counter() - start, 1)
