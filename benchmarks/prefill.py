@@ -64,7 +64,7 @@ def time_prefill(model, keep_ratio: float, repeats: int, dtype: torch.dtype) -> 
         """What pruning adds to the ideal prefill: the layout read, scoring, selection and compaction."""
         layout = PlaceholderLayout.read(full_ids, pruner.image_token_id, None)
         selections = pruner.select(features, vision_states, None)
-        return compact_inputs(pruner, selections, 576, layout, full_ids, None, {})
+        return compact_inputs(pruner, selections, layout, full_ids, None, {})
 
     with torch.inference_mode():
         fns = {"pruned": pruned, "unpruned": unpruned, "ideal": ideal, "vision_only": vision_only}
