@@ -45,6 +45,20 @@ def test_packing_round_trip_and_size(bits, length):
         assert packed.numel() * 8 == codes.numel() * bits
 
 
+def test_big_endian_unpacking_fallback_gives_the_same_codes(monkeypatch):
+    """The 16-bit-lane unpacking reads bytes in little-endian order; elsewhere the interleaving fallback runs."""
+    import types
+
+    from optimum_qap.quant import packing
+
+    codes = torch.randint(0, 16, (5, 37), generator=torch.Generator().manual_seed(4))
+    packed = pack_codes(codes, 4)
+    monkeypatch.setattr(packing, "sys", types.SimpleNamespace(byteorder="big"))
+    assert torch.equal(unpack_codes(packed, 4, 37), codes.to(torch.uint8))
+    floats, offset = unpack_codes_as_float(pack_codes(codes[:, :36], 4), 4, 36, torch.bfloat16)
+    assert offset == 0 and torch.equal(floats, codes[:, :36].to(torch.bfloat16))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("bits,length", [(4, 64), (4, 13), (3, 40), (8, 16)])
 def test_codes_unpacked_as_float_equal_the_integer_codes(dtype, bits, length):
