@@ -2,6 +2,7 @@
 
 Each load runs in its own process so that peak RSS is that load's alone.
 Run: python benchmarks/load_memory.py --decoder-layers 4 --workdir runs/llava7b-shaped
+``--gptq-samples 8`` adds a GPTQ load (the default config calibrated on 8 built-in samples) and its peak RSS.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
     folder_bytes,
+    llava_7b_processor,
     machine,
     peak_rss_bytes,
     resident_bytes,
@@ -26,7 +28,7 @@ from common import (  # noqa: E402
 )
 
 
-def measure(mode: str, folder: str, output: str | None) -> dict:
+def measure(mode: str, folder: str, output: str | None, gptq_samples: int = 0) -> dict:
     from transformers import LlavaForConditionalGeneration
 
     import optimum_qap
@@ -34,6 +36,9 @@ def measure(mode: str, folder: str, output: str | None) -> dict:
     kwargs = {"dtype": torch.bfloat16}
     if mode == "qap":
         kwargs["quantization_config"] = optimum_qap.QAPrunerConfig()
+    if mode == "gptq":
+        kwargs["quantization_config"] = optimum_qap.QAPrunerConfig(
+            calibration="builtin", num_calibration_samples=gptq_samples, processor=llava_7b_processor())
     start = time.perf_counter()
     model = LlavaForConditionalGeneration.from_pretrained(folder, **kwargs)
     # weights load lazily from the memory-mapped file: touch every tensor so both rows count a resident model
@@ -62,10 +67,9 @@ def quanto_checkpoint_bytes(folder: str, output: str) -> int:
     return os.path.getsize(path)
 
 
-def run_child(mode: str, folder: str, output: str | None) -> dict:
-    command = [sys.executable, __file__, "--child", mode, "--workdir", folder] + (
-        ["--output", output] if output else []
-    )
+def run_child(mode: str, folder: str, output: str | None, gptq_samples: int = 0) -> dict:
+    command = [sys.executable, __file__, "--child", mode, "--workdir", folder, "--gptq-samples", str(gptq_samples)]
+    command += ["--output", output] if output else []
     completed = subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
@@ -75,13 +79,14 @@ def main() -> None:
     parser.add_argument("--decoder-layers", type=int, default=4)
     parser.add_argument("--workdir", default="runs/llava7b-shaped")
     parser.add_argument("--output", default=None)
-    parser.add_argument("--child", choices=["plain", "qap", "quanto"], default=None)
+    parser.add_argument("--gptq-samples", type=int, default=0, help="also measure a GPTQ load on N samples")
+    parser.add_argument("--child", choices=["plain", "qap", "gptq", "quanto"], default=None)
     args = parser.parse_args()
     if args.child == "quanto":
         print(json.dumps({"checkpoint_bytes": quanto_checkpoint_bytes(args.workdir, args.output)}))
         return
     if args.child:
-        print(json.dumps(measure(args.child, args.workdir, args.output)))
+        print(json.dumps(measure(args.child, args.workdir, args.output, args.gptq_samples)))
         return
     folder = save_llava_7b_shaped(os.path.join(args.workdir, f"bf16-{args.decoder_layers}L"), args.decoder_layers)
     compressed = os.path.join(args.workdir, f"qap-{args.decoder_layers}L")
@@ -93,6 +98,11 @@ def main() -> None:
     except subprocess.CalledProcessError as error:  # optimum-quanto is only in the bench extra
         quanto_ratio = f"unavailable: {error.stderr.strip().splitlines()[-1][:160]}"
     bf16_bytes = folder_bytes(folder)
+    gptq = {}
+    if args.gptq_samples:
+        peak = run_child("gptq", folder, None, args.gptq_samples)["peak_rss"]
+        gptq = {"gptq_samples": args.gptq_samples, "gptq_load_peak_rss_gib": peak / 2**30,
+                "gptq_peak_rss_over_bf16_checkpoint": peak / bf16_bytes}
     bf16_parts, qap_parts = tensor_bytes_by_part(folder), tensor_bytes_by_part(compressed)
     per_layer_bf16 = bf16_parts["decoder_layers"] / args.decoder_layers
     per_layer_qap = qap_parts["decoder_layers"] / args.decoder_layers
@@ -111,6 +121,7 @@ def main() -> None:
         "qap_load_peak_rss_gib": qap["peak_rss"] / 2**30,
         "qap_peak_rss_over_bf16_checkpoint": qap["peak_rss"] / bf16_bytes,
         "qap_peak_rss_over_plain_load": qap["peak_rss"] / plain["peak_rss"],
+        **gptq,
         # after the load, every tensor touched: the checkpoint pages a quantized load still keeps show up here
         **{f"{mode}_resident_after_load_gib": {name: value / 2**30 for name, value in row["resident"].items()}
            for mode, row in (("plain", plain), ("qap", qap))},

@@ -26,13 +26,15 @@ def progress_bar(iterable: Iterable | None = None, desc: str = "", enabled: bool
 @contextlib.contextmanager
 def timed_phase(model: nn.Module, phase: str) -> Iterator[None]:
     """Add the seconds spent inside the block to ``model.qap_phase_seconds[phase]`` (what `optimum-qap compress`
-    reports per phase)."""
-    start = time.perf_counter()
+    reports per phase), less those of the phases timed inside it (each layer's rotation inside GPTQ's layer
+    loop), so that the phases add up to the time they took."""
+    phases = model.__dict__.setdefault(PHASES_ATTRIBUTE, {})
+    start, nested_before = time.perf_counter(), sum(phases.values())
     try:
         yield
     finally:
-        phases = model.__dict__.setdefault(PHASES_ATTRIBUTE, {})
-        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start
+        nested = sum(phases.values()) - nested_before
+        phases[phase] = phases.get(phase, 0.0) + time.perf_counter() - start - nested
 
 
 def phase_seconds(model: nn.Module) -> dict[str, float]:

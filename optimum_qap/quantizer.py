@@ -20,7 +20,7 @@ from .pruning.patch import attach_pruner
 from .pruning.support import pruner_class
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
-from .transforms.rotation import attach_online_rotations, rotate_language_model
+from .transforms.rotation import attach_online_rotations, rotate_outside_layers
 
 
 def model_parts(model: nn.Module) -> dict[str, str]:
@@ -226,21 +226,50 @@ class QAPrunerHfQuantizer(HfQuantizer):
 
 
 def quantize_after_loading(model: nn.Module, config: QAPrunerConfig, processor, samples) -> None:
-    """Rotate (if asked), then quantize the float linears: GPTQ on the calibration samples, or RTN."""
-    if config.rotation:
-        with timed_phase(model, "rotate"):
-            rotate_language_model(model, config.rotation_seed)
-            attach_online_rotations(model)
+    """Rotate (if asked) and quantize the float linears, one decoder layer at a time: GPTQ on the calibration
+    samples, or RTN. Each layer is rotated just before it is quantized and its float weights are released as it
+    is, so the rotated copies (written pages of the memory-mapped checkpoint) of one layer exist at a time."""
+    prepare_layer = prepare_rotation(model, config)
     if config.weight_method == "gptq" and config.quantizes_weights:
         from .transforms.gptq_model import gptq_quantize_model
 
         with timed_phase(model, "gptq"):
-            gptq_quantize_model(model, processor, samples, config)  # the decoder layers
+            gptq_quantize_model(model, processor, samples, config, prepare_layer)  # the decoder layers
+    else:
+        with timed_phase(model, "quantize"):
+            for layer, names in progress_bar(decoder_layer_linears(model, config), "Quantizing", unit="layer"):
+                prepare_layer(layer)
+                quantize_linears(model, config, names=names)
     with timed_phase(model, "quantize"):
-        # what is left (all of it with RTN; a quantized projector or vision tower after GPTQ): round to nearest
+        # what is left outside the decoder layers (a quantized projector or vision tower): round to nearest
         quantize_linears(model, config, progress=True)
     if config.rotation:
         attach_online_rotations(model)  # the hooks belong to the modules that were just replaced
+
+
+def prepare_rotation(model: nn.Module, config: QAPrunerConfig) -> Callable[[nn.Module], None]:
+    """With ``config.rotation``: rotate what lies outside the decoder layers now and attach the online transforms;
+    returns the function that makes one decoder layer ready to quantize (rotates it, timed as "rotate")."""
+    if not config.rotation:
+        return lambda _layer: None
+    with timed_phase(model, "rotate"):
+        rotate_layer = rotate_outside_layers(model, config.rotation_seed)
+        attach_online_rotations(model)
+
+    def rotate(layer: nn.Module) -> None:
+        with timed_phase(model, "rotate"):
+            rotate_layer(layer)
+
+    return rotate
+
+
+def decoder_layer_linears(model: nn.Module, config: QAPrunerConfig) -> list[tuple[nn.Module, list[str]]]:
+    """Each decoder layer of the language model, with the names of its linears that ``config`` quantizes."""
+    selected = linear_names_to_quantize(model, config)
+    decoder = model.model.language_model
+    prefix = next(name for name, module in model.named_modules() if module is decoder)
+    return [(layer, [name for name in selected if name.startswith(f"{prefix}.layers.{index}.")])
+            for index, layer in enumerate(decoder.layers)]
 
 
 def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:

@@ -6,11 +6,11 @@ import torch
 from torch import nn
 from transformers import LlavaForConditionalGeneration
 
-from optimum_qap import QAPrunerConfig, QuantLinear
+from optimum_qap import QAPrunerConfig, QuantLinear, calibrate, quantizer
 from optimum_qap.calibration import builtin_calibration_samples, model_inputs
 from optimum_qap.quant.gptq import HessianAccumulator, run_gptq
-from optimum_qap.transforms.gptq_model import capture_layer_inputs
-from optimum_qap.transforms.rotation import attach_online_rotations, rotate_language_model
+from optimum_qap.transforms.gptq_model import capture_layer_inputs, gptq_quantize_model
+from optimum_qap.transforms.rotation import attach_online_rotations, rotate_language_model, rotate_outside_layers
 
 SAMPLES = 4
 
@@ -24,6 +24,14 @@ def eval_inputs(seed: int):
     processor = tiny.tiny_processor()
     return processor(images=tiny.noise_image(seed), text="USER: <image>\ndescribe the image . ASSISTANT:",
                      return_tensors="pt")
+
+
+@pytest.fixture(scope="module")
+def gained_repo(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("gained-llava")
+    tiny.gained_llava().save_pretrained(folder)
+    tiny.tiny_processor().save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +88,48 @@ def test_model_codes_are_gptq_of_the_hessian_of_what_the_layer_reads(tiny_repo, 
     quantized = gptq_model.model.language_model.layers[0].mlp.down_proj
     assert torch.equal(quantized.weight_zero, expected.zero)
     torch.testing.assert_close(quantized.weight_scale, expected.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotating_each_layer_before_its_gptq_gives_the_model_of_rotating_all_first(gained_repo, dtype):
+    config = gptq_config(quantize_projector=True)
+    model = LlavaForConditionalGeneration.from_pretrained(gained_repo, dtype=dtype, quantization_config=config)
+    # the reference: the whole language model rotated before GPTQ starts (what the loader did before)
+    reference = LlavaForConditionalGeneration.from_pretrained(gained_repo, dtype=dtype)
+    reference.config.quantization_config = reference_config = gptq_config(quantize_projector=True)
+    processor, samples = tiny.tiny_processor(), builtin_calibration_samples(SAMPLES)
+    rotate_language_model(reference, seed=0, progress=False)
+    attach_online_rotations(reference)
+    gptq_quantize_model(reference, processor, samples, reference_config, progress=False)
+    quantizer.quantize_linears(reference, reference_config)
+    attach_online_rotations(reference)
+    calibrate(reference, processor, samples, progress=False)
+    expected, got = reference.state_dict(), model.state_dict()
+    assert list(got) == list(expected)
+    assert all(torch.equal(got[key].view(torch.uint8), expected[key].view(torch.uint8)) for key in expected)
+    report = model.config.quantization_config.calibration_summary["gptq"]["layers"]
+    assert report == reference_config.calibration_summary["gptq"]["layers"]
+
+
+@pytest.mark.parametrize("calibration", [None, "builtin"])  # round to nearest, GPTQ
+def test_a_decoder_layer_is_rotated_only_once_the_layers_before_it_are_quantized(tiny_repo, monkeypatch,
+                                                                                  calibration):
+    # so that the rotated float weights (copies on write of the memory-mapped checkpoint) of one layer exist at a time
+    quantized_when_rotated = []
+
+    def recording_rotate_outside_layers(model, seed):
+        rotate_layer = rotate_outside_layers(model, seed)
+        layers = model.model.language_model.layers
+
+        def rotate(layer):
+            quantized_when_rotated.append([isinstance(each.mlp.down_proj, QuantLinear) for each in layers])
+            rotate_layer(layer)
+
+        return rotate
+
+    monkeypatch.setattr(quantizer, "rotate_outside_layers", recording_rotate_outside_layers)
+    LlavaForConditionalGeneration.from_pretrained(tiny_repo, quantization_config=gptq_config(calibration=calibration))
+    assert quantized_when_rotated == [[False, False], [True, False]]
 
 
 def test_capture_stops_at_the_first_decoder_layer(tiny_repo):

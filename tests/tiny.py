@@ -108,6 +108,17 @@ def tiny_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
     return model
 
 
+def gained_llava(seed: int = 0, **kwargs) -> LlavaForConditionalGeneration:
+    """A tiny LLaVA whose RMSNorm gains are not all 1 (random models start at 1, which would hide fusion bugs)."""
+    model = tiny_llava(seed, **kwargs)
+    generator = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "language_model" in name and "norm" in name:
+                parameter.copy_(torch.rand(parameter.shape, generator=generator) * 2 + 0.1)
+    return model
+
+
 def word_tokenizer(single: str = "<s> $A", padding_side: str = "left") -> PreTrainedTokenizerFast:
     """A word-level tokenizer over VOCAB; ``single`` is the template that adds its special tokens."""
     tokenizer = Tokenizer(models.WordLevel(vocab=VOCAB, unk_token="<unk>"))

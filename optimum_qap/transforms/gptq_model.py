@@ -1,16 +1,19 @@
 """GPTQ over a whole LLaVA language model, one decoder layer at a time (memory stays bounded on a 7B model).
 
 The calibration samples run through the model once, up to the first decoder layer, whose inputs are kept. Then
-for each layer: hooks accumulate the Hessian of every selected linear's input (after its online rotation, so GPTQ
-sees what the quantizer sees), GPTQ quantizes each weight against its Hessian, the layer is swapped for its
-quantized version, and the kept inputs are run through it to become the next layer's inputs. Only one layer's
-Hessians exist at a time; inputs propagate through quantized weights, as in the GPTQ reference.
+for each layer: the caller prepares it (the quantizer rotates it here, once the layers before it are quantized:
+one layer's rotated float weights exist at a time), hooks accumulate the Hessian of every selected linear's input
+(after its online rotation, so GPTQ sees what the quantizer sees), GPTQ quantizes each weight against its
+Hessian, the layer is swapped for its quantized version, and the kept inputs are run through it to become the
+next layer's inputs. Only one layer's Hessians exist at a time; inputs propagate through quantized weights, as in
+the GPTQ reference.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -98,31 +101,34 @@ def _error_reduction(weight: torch.Tensor, gptq: torch.Tensor, hessian: torch.Te
 
 
 @torch.no_grad()
-def gptq_quantize_model(model: nn.Module, processor, samples: list[dict], config, progress: bool = True) -> dict:
+def gptq_quantize_model(
+    model: nn.Module,
+    processor,
+    samples: list[dict],
+    config,
+    prepare_layer: Callable[[nn.Module], None] = lambda _layer: None,
+    progress: bool = True,
+) -> dict:
     """Replace every selected linear of the decoder layers by its GPTQ-quantized `QuantLinear`, layer by layer;
-    returns the per-layer error report.
+    returns the per-layer error report. ``prepare_layer`` runs on each layer just before its Hessians are
+    collected (the quantizer rotates it there: only the layers before it have run by then).
 
     Each layer's codes are packed as soon as they exist and its float weights released (nothing model-sized is
     kept); linears outside the decoder layers (a quantized projector or vision tower) are left to the caller.
     Records time and per-layer output error (GPTQ vs round to nearest, tr(ΔW H ΔWᵀ) on the calibration inputs,
     over `REPORT_ROWS` evenly spaced output rows) in ``config.calibration_summary["gptq"]``.
     """
-    from ..quantizer import linear_names_to_quantize, quantize_linears
+    from ..quantizer import decoder_layer_linears, quantize_linears
     from ..transforms.rotation import attach_online_rotations
 
     start = time.perf_counter()
-    selected = set(linear_names_to_quantize(model, config))
-    decoder = model.model.language_model
-    prefix = next(name for name, module in model.named_modules() if module is decoder)
-    inputs = capture_layer_inputs(model, processor, samples, decoder.layers[0])
+    inputs = capture_layer_inputs(model, processor, samples, model.model.language_model.layers[0])
     report = {}
-    for index, layer in enumerate(progress_bar(decoder.layers, "GPTQ", progress, unit="layer")):
-        layer_prefix = f"{prefix}.layers.{index}."
-        linears = {layer_prefix + n: m for n, m in layer.named_modules()
-                   if isinstance(m, nn.Linear) and layer_prefix + n in selected}
+    for layer, names in progress_bar(decoder_layer_linears(model, config), "GPTQ", progress, unit="layer"):
+        prepare_layer(layer)
+        linears = {name: model.get_submodule(name) for name in names}
         codes, errors = _quantize_layer(layer, linears, inputs, config)
         report.update(errors)
-        names = list(linears)
         del linears  # no name may hold the float linears, or their memory-mapped pages could not be released
         quantize_linears(model, config, codes, names=names)
         del codes

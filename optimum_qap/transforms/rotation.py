@@ -20,6 +20,7 @@ is saved); everything else is baked into the saved weights. Activations are quan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -100,28 +101,46 @@ def head_layout(model: nn.Module) -> tuple[int, int]:
 @torch.no_grad()
 def rotate_language_model(model: nn.Module, seed: int = 0, progress: bool = True) -> None:
     """Fuse the norms and rotate the residual stream, value path and down_proj input of ``model`` in place."""
+    rotate_layer = rotate_outside_layers(model, seed)
+    for layer in progress_bar(_text_parts(model)[0].layers, "Rotating", progress, unit="layer"):
+        rotate_layer(layer)
+
+
+@torch.no_grad()
+def rotate_outside_layers(model: nn.Module, seed: int = 0) -> Callable[[nn.Module], None]:
+    """The part of `rotate_language_model` outside the decoder layers (embeddings, the projector's output, the
+    final norm into lm_head); returns the function that rotates one decoder layer in place.
+
+    The model computes its function again once that function has run on every decoder layer; in between, a layer
+    can be rotated just before it is quantized, so that one layer's rotated float weights exist at a time.
+    """
     decoder, lm_head = _text_parts(model)
     _check_materialized(model)
     embed = decoder.embed_tokens
     residual = KroneckerRotation.hadamard(embed.weight.shape[1], seed)
-    num_heads, head_dim = head_layout(model)
     _untie_lm_head(model, embed, lm_head)
     _edit(embed.weight.data, residual.apply)
     projector = getattr(model.model, "multi_modal_projector", None)
     if projector is not None:
         rotate_outputs(_last_linear(projector), residual)
-    for layer in progress_bar(decoder.layers, "Rotating", progress, unit="layer"):
-        attention, mlp = layer.self_attn, layer.mlp
-        _fuse_norm(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], residual)
-        num_kv = attention.v_proj.weight.shape[0] // head_dim
-        rotate_outputs(attention.v_proj, KroneckerRotation.blockwise(num_kv, head_dim, across=False))
-        rotate_inputs(attention.o_proj, KroneckerRotation.blockwise(num_heads, head_dim, across=False))
-        rotate_inputs(attention.o_proj, KroneckerRotation.blockwise(num_heads, head_dim, across=True))
-        rotate_outputs(attention.o_proj, residual)
-        _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], residual)
-        rotate_inputs(mlp.down_proj, KroneckerRotation.hadamard(mlp.down_proj.in_features))
-        rotate_outputs(mlp.down_proj, residual)
     _fuse_norm(decoder.norm, [lm_head], residual)
+    num_heads, head_dim = head_layout(model)
+    return functools.partial(rotate_decoder_layer, residual=residual, num_heads=num_heads, head_dim=head_dim)
+
+
+@torch.no_grad()
+def rotate_decoder_layer(layer: nn.Module, residual: KroneckerRotation, num_heads: int, head_dim: int) -> None:
+    """Fuse the two norms of one decoder layer and rotate its linears (see the module docstring)."""
+    attention, mlp = layer.self_attn, layer.mlp
+    _fuse_norm(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], residual)
+    num_kv = attention.v_proj.weight.shape[0] // head_dim
+    rotate_outputs(attention.v_proj, KroneckerRotation.blockwise(num_kv, head_dim, across=False))
+    rotate_inputs(attention.o_proj, KroneckerRotation.blockwise(num_heads, head_dim, across=False))
+    rotate_inputs(attention.o_proj, KroneckerRotation.blockwise(num_heads, head_dim, across=True))
+    rotate_outputs(attention.o_proj, residual)
+    _fuse_norm(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], residual)
+    rotate_inputs(mlp.down_proj, KroneckerRotation.hadamard(mlp.down_proj.in_features))
+    rotate_outputs(mlp.down_proj, residual)
 
 
 def _last_linear(projector: nn.Module) -> nn.Linear:
