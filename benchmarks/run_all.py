@@ -146,7 +146,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         "",
         "## Size and memory",
         "",
-        f"`{commands['memory']}`",
+        f"`{commands['memory']}` ({threads(memory)})",
         "",
         *table(
             ["what", "value"],
@@ -167,6 +167,8 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
                 ["peak RSS of from_pretrained + QAPrunerConfig (GiB)", memory["qap_load_peak_rss_gib"]],
                 ["peak RSS of plain bf16 from_pretrained (GiB)", memory["plain_load_peak_rss_gib"]],
                 ["peak RSS, quantized load / bf16 checkpoint size", memory["qap_peak_rss_over_bf16_checkpoint"]],
+                *([[f"peak RSS, GPTQ load on {memory['gptq_samples']} samples / bf16 checkpoint size",
+                    memory["gptq_peak_rss_over_bf16_checkpoint"]]] if "gptq_samples" in memory else []),
             ],
         ),
         "",
@@ -181,20 +183,30 @@ WHAT_LIMITS_SPEED = [
     "",
     "`qap per_token path` is the path `QuantLinear` chose for that row (`kernels=\"auto\"`, see",
     "[quantization.md](quantization.md#kernels-which-path-a-call-takes-kernels-optimum_qapset_kernels)); every other",
-    "qap column with the default group-wise layout takes the same path, `per-channel` takes `int8_gemm` from 17",
-    "tokens. `qap per_token simulated` is the reference path every call took before the kernels.",
+    "qap column with the default group-wise layout takes the same path; `per-channel` takes `int8_gemm` from 4",
+    "tokens. `qap per_token simulated` is the reference path (dequantize, fake-quantize, dense matmul). Timings of",
+    "short calls are taken over 64 // tokens calls in a row.",
     "",
     "- Decode-sized calls run PyTorch's fused int4 weight-only kernel on the packed weight (a quarter of the bf16",
-    "  bytes), after fake-quantizing the input, and so beat the bf16 layer; torchao's int4 weight-only layer runs the",
-    "  same kernel without activation quantization.",
-    "- Long group-wise calls stay on the simulated path: the int4 kernel's cost grows with the token count, and",
-    "  `torch._int_mm` cannot apply per-group weight scales inside its accumulation. On a CPU with AMX a bf16 GEMM",
-    "  of 600 tokens takes a third to a half of the time eager PyTorch needs to dequantize the weight once (the",
-    "  simulated column minus 1, in units of the GEMM), so this path stays slower than bf16 until a fused",
-    "  dequantize-GEMM kernel exists. Per-channel layers (`w_group_size=None`) run the integer",
-    "  GEMM instead, and `cache_dequantized_weights(model)` trades the float weight's memory for the float matmul.",
-    "- The dequantization and the activation rounding run in place on one fresh buffer each: every out-of-place",
-    "  element-wise pass would allocate and page-fault another weight-sized buffer.",
+    "  bytes) after fake-quantizing the input, and beat the bf16 layer by 2-2.5x. torchao's int4 weight-only layer",
+    "  runs the same kernel without quantizing activations and stays a few percent ahead: the activation rounding",
+    "  is 19 small operations on one token (14 symmetric), a few microseconds each, and every one also slows the",
+    "  kernel that follows.",
+    "- Group-wise weights between a few and ~100 tokens: the int4 kernel's cost grows linearly with the tokens",
+    "  (about 0.4 ms per token at 4096x4096), so it loses to bf16 from about 5 tokens on; past ~96 tokens the",
+    "  simulated path is faster. Long group-wise calls dequantize the weight on every call: on this AMX CPU a bf16",
+    "  GEMM of 600 tokens takes about as long as eager PyTorch needs to dequantize the weight once (the simulated",
+    "  column minus 1, in units of the GEMM), and `torch._int_mm` cannot apply per-group scales. Closing that gap",
+    "  needs a fused dequantize-GEMM kernel, which PyTorch does not ship for CPU in eager mode.",
+    "- Per-channel weights (`w_group_size=None`) run the integer GEMM (AMX int8) from 4 tokens: faster than bf16",
+    "  up to at least 64 tokens and 1.2-1.3x at 600 (the activation codes and the int32 -> float scaling are",
+    "  element-wise passes over the activations around the integer GEMM). In the whole model that makes the unpruned",
+    "  prefill faster than the plain bf16 model and the pruned one 0.6x of it (generation table above); accuracy",
+    "  against group 128 is within noise on both demo models ([results.md](results.md#w4a4-backbone-on-a-model-with-"
+    "llm-style-outlier-channels)).",
+    "- fp32 and fp16 models on CPU stay on the simulated path at every token count: PyTorch's CPU int4 kernel takes",
+    "  them but runs them 30-50x slower than bf16.",
+    "- `cache_dequantized_weights(model)` trades the float weight's memory for the plain float matmul.",
     "",
     "The peers: optimum-quanto's int4 layers (with and without int8 activations) dequantize on CPU; torchao's",
     "int8-dynamic-activation / int4-weight layer is timed at the same shapes.",
@@ -258,7 +270,7 @@ def main() -> None:
         "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4"
         " --dtype bfloat16",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600 --peers --repeats 7",
-        "memory": "python benchmarks/load_memory.py --decoder-layers 4",
+        "memory": "python benchmarks/load_memory.py --decoder-layers 4 --gptq-samples 8",
         "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }
     if args.render_only:
@@ -281,7 +293,7 @@ def main() -> None:
             json.dump(results, handle, indent=2)
 
     if "memory" in args.only:
-        keep("memory", run("load_memory.py", "--decoder-layers", "4", *workdir))
+        keep("memory", run("load_memory.py", *commands["memory"].split()[2:], *workdir))
     if "prefill" in args.only:
         prefill = {}
         for dtype, ratios in (("float32", "1.0,0.5,0.25,0.125"), ("bfloat16", "1.0,0.125")):
