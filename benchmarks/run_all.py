@@ -172,6 +172,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
             ],
         ),
         "",
+        *crossover_section(results, commands),
         *backbone_section(results, commands),
         *WHAT_LIMITS_SPEED,
     ]
@@ -194,8 +195,9 @@ WHAT_LIMITS_SPEED = [
     "  kernel that follows.",
     "- Group-wise weights between a few and ~100 tokens: the int4 kernel's cost grows linearly with the tokens",
     "  (about 0.4 ms per token at 4096x4096), so it loses to bf16 from about 5 tokens on; past ~96 tokens the",
-    "  simulated path is faster. Long group-wise calls dequantize the weight on every call: on this AMX CPU a bf16",
-    "  GEMM of 600 tokens takes about as long as eager PyTorch needs to dequantize the weight once (the simulated",
+    "  simulated path is faster (path thresholds table above). Long group-wise calls dequantize the weight on",
+    "  every call: on this AMX CPU a bf16 GEMM of 600 tokens takes about as long as eager PyTorch needs to",
+    "  dequantize the weight once (the simulated",
     "  column minus 1, in units of the GEMM), and `torch._int_mm` cannot apply per-group scales. Closing that gap",
     "  needs a fused dequantize-GEMM kernel, which PyTorch does not ship for CPU in eager mode.",
     "- Per-channel weights (`w_group_size=None`) run the integer GEMM (AMX int8) from 4 tokens: faster than bf16",
@@ -214,7 +216,31 @@ WHAT_LIMITS_SPEED = [
 ]
 
 
-MEASUREMENTS = ("memory", "prefill", "generation", "linear", "backbone")
+MEASUREMENTS = ("memory", "prefill", "generation", "linear", "crossover", "backbone")
+
+
+def crossover_section(results: dict, commands: dict[str, str]) -> list[str]:
+    """One decoder layer's seven linears on every path, forced, per token count: where the thresholds come from."""
+    crossover = results.get("crossover")
+    if crossover is None:
+        return []
+    paths = ["linear", "group 128 int4_weight_only", "group 128 simulated", "per-channel int4_weight_only",
+             "per-channel int8_gemm", "per-channel simulated"]
+    thresholds = crossover["thresholds"]
+    return [
+        "## Path thresholds: one decoder layer on every path",
+        "",
+        f"`{commands['crossover']}` ({threads(crossover)}). Milliseconds for one decoder layer's seven linears (four",
+        "4096x4096, two 4096x11008, one 11008x4096) with every call forced onto one path; `linear` is bf16",
+        "`nn.Linear`. The automatic choice takes int4 up to `INT4_MAX_TOKENS` "
+        f"({thresholds['INT4_MAX_TOKENS']['cpu']} on CPU) and, for per-channel layouts, the integer GEMM from "
+        f"`INT8_MIN_TOKENS` ({thresholds['INT8_MIN_TOKENS']['cpu']}).",
+        "",
+        *table(["tokens", *paths], [[row["tokens"], *(row.get(p, "-") for p in paths)]
+                                    for row in crossover["decoder_layer_ms"]]),
+        "",
+    ]
+
 
 
 def backbone_section(results: dict, commands: dict[str, str]) -> list[str]:
@@ -261,7 +287,7 @@ def main() -> None:
         "--only",
         type=lambda text: set(text.split(",")),
         default=set(MEASUREMENTS),
-        help="comma list of memory,prefill,generation,linear,backbone to re-measure; the rest is kept from --json",
+        help=f"comma list of {','.join(MEASUREMENTS)} to re-measure; the rest is kept from --json",
     )
     args = parser.parse_args()
     commands = {
@@ -270,6 +296,7 @@ def main() -> None:
         "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4"
         " --dtype bfloat16",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600 --peers --repeats 7",
+        "crossover": "python benchmarks/crossover.py --dtype bfloat16 --tokens 1,2,4,8,16,32,64,96,128 --repeats 5",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4 --gptq-samples 8",
         "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }
@@ -317,6 +344,8 @@ def main() -> None:
         )
     if "linear" in args.only:
         keep("linear", run("linear.py", *commands["linear"].split()[2:]))
+    if "crossover" in args.only:
+        keep("crossover", run("crossover.py", *commands["crossover"].split()[2:]))
     if "backbone" in args.only:
         keep("backbone", run("backbone.py", *commands["backbone"].split()[2:], *workdir))
     with open(args.markdown, "w") as handle:

@@ -21,10 +21,10 @@ KERNEL_MODES = ("auto", "simulated")
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # Tokens per call from which the integer GEMM serves per-channel layouts (`torch._int_mm` on CUDA needs more
 # than 16 rows), and up to which the int4 weight-only kernel beats dequantize + dense matmul; its cost grows
-# linearly with the tokens. CPU values are measured at LLaVA-7B shapes, bf16, 1 thread: the integer GEMM
-# overtakes the int4 kernel at 4 tokens (4096x4096: 1.59 vs 1.68 ms), and a decoder layer's seven linears take
-# the same time on the int4 and simulated paths at about 96 tokens (4096x4096 alone crosses at ~75, the MLP
-# shapes at 100-115). The CUDA values are not measured yet (docs/performance-cuda.md).
+# linearly with the tokens. CPU values are measured at LLaVA-7B shapes, bf16, 1 thread, by
+# benchmarks/crossover.py (docs/performance.md, "Path thresholds"): the integer GEMM overtakes the int4 kernel at
+# about 4 tokens, and a decoder layer's seven linears take the same time on the int4 and simulated paths at about
+# 96. The CUDA values are not measured yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 4, "cuda": 17}
 INT4_MAX_TOKENS = {"cpu": 96, "cuda": 16}
 # activation dtypes the int4 kernels serve: tinygemm on CUDA takes bf16 only; the CPU kernel takes fp32 and fp16
