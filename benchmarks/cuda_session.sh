@@ -26,8 +26,9 @@ cat "$out/gpu.txt"
 step kernel-tests 90 $python -m pytest -q -x tests/test_kernels.py tests/test_quant.py
 step cuda-tests 90 $python -m pytest -q -k cuda tests/
 step linear 90 $python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600 --peers --repeats 20
-step generation 150 $python benchmarks/generation.py --decoder-layers 2 --new-tokens 32 --calib-samples 8 \
+step crossover 60 $python benchmarks/crossover.py --dtype bfloat16 --tokens 1,4,16,17,32,64,128 --repeats 10
+step generation 120 $python benchmarks/generation.py --decoder-layers 2 --new-tokens 32 --calib-samples 8 \
     --dtype bfloat16 --workdir "$out/models"
-step prefill 120 $python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 \
+step prefill 90 $python benchmarks/prefill.py --decoder-layers 2 --keep-ratios 1.0,0.5,0.25,0.125 \
     --dtype bfloat16 --repeats 30 --workdir "$out/models"
 rm -rf "$out/models"  # random-weight checkpoints, rebuilt by each run
