@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
 import resource
@@ -162,3 +163,12 @@ def llava_7b_processor():
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
+
+
+def layer_benchmark_parser(doc: str, tokens: str) -> argparse.ArgumentParser:
+    """The options the linear-layer benchmarks share: dtype, token counts per call, repeats."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--tokens", default=tokens)
+    parser.add_argument("--repeats", type=int, default=5)
+    return parser

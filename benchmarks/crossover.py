@@ -9,7 +9,6 @@ Run: python benchmarks/crossover.py --tokens 1,2,4,8,16,32,64,96,128 --dtype bfl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_medians, machine  # noqa: E402
+from common import interleaved_medians, layer_benchmark_parser, machine  # noqa: E402
 from linear import qap_layer, repeated  # noqa: E402
 
 from optimum_qap.quant import kernels  # noqa: E402
@@ -66,10 +65,7 @@ def time_paths(linear: nn.Linear, x: torch.Tensor, repeats: int) -> dict[str, fl
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tokens", default="1,2,4,8,16,32,64,96,128")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = layer_benchmark_parser(__doc__, "1,2,4,8,16,32,64,96,128")
     args = parser.parse_args()
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype)

@@ -9,7 +9,6 @@ Run: python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -19,7 +18,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import interleaved_medians, machine  # noqa: E402
+from common import interleaved_medians, layer_benchmark_parser, machine  # noqa: E402
 
 from optimum_qap import QuantLinear, QuantSpec  # noqa: E402
 
@@ -94,10 +93,7 @@ def repeated(layer: nn.Module, x: torch.Tensor, count: int):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--tokens", default="1,16,64,600")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser = layer_benchmark_parser(__doc__, "1,16,64,600")
     parser.add_argument("--peers", action="store_true", help="also time optimum-quanto and torchao")
     args = parser.parse_args()
     torch.manual_seed(0)
