@@ -28,8 +28,7 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 INT8_MIN_TOKENS = {"cpu": 4, "cuda": 17}
 INT4_MAX_TOKENS = {"cpu": 96, "cuda": 16}
 # activation dtypes the int4 kernels serve: tinygemm on CUDA takes bf16 only; the CPU kernel takes fp32 and fp16
-# too but runs them 30-50x slower than bf16 (4096x4096, 1 token, 1 thread: 25 / 41 ms vs 0.78 ms), far behind
-# the simulated path, so those stay there
+# too but runs them tens of times slower than bf16, far behind the simulated path, so those stay there
 INT4_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16,)}
 
 
