@@ -207,7 +207,7 @@ WHAT_LIMITS_SPEED = [
     "  against group 128 is within noise on both demo models ([results.md](results.md#w4a4-backbone-on-a-model-with-"
     "llm-style-outlier-channels)).",
     "- fp32 and fp16 models on CPU stay on the simulated path at every token count: PyTorch's CPU int4 kernel takes",
-    "  them but runs them 30-50x slower than bf16.",
+    "  them but runs them far slower than bf16, and slower than the simulated path.",
     "- `cache_dequantized_weights(model)` trades the float weight's memory for the plain float matmul.",
     "",
     "The peers: optimum-quanto's int4 layers (with and without int8 activations) dequantize on CPU; torchao's",
