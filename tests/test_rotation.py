@@ -31,6 +31,16 @@ def gained_repo(tmp_path_factory):
     return str(folder)
 
 
+def test_rotations_first_built_in_inference_mode_still_serve_autograd():
+    """Rotations are shared (cached per size and device): one first built inside `torch.inference_mode` (a served
+    model) must not hand inference tensors to a later forward that trains (LoRA on the same model)."""
+    with torch.inference_mode():
+        KroneckerRotation.hadamard(40, seed=987654).apply(torch.randn(2, 40))
+    x = torch.randn(2, 40, requires_grad=True)
+    KroneckerRotation.hadamard(40, seed=987654).apply(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
 @pytest.mark.parametrize("size", [1, 2, 3, 12, 40, 64, 96, 768, 4096])
 def test_rotations_are_orthogonal(size):
     q = KroneckerRotation.hadamard(size, seed=3).dense()

@@ -75,11 +75,13 @@ class KroneckerRotation:
     @functools.lru_cache(maxsize=64)
     def hadamard(cls, n: int, seed: int | None = None) -> KroneckerRotation:
         """Hadamard-like rotation of size n; with a seed, randomized by ±1 signs drawn from it (CPU generator)."""
-        factors = tuple(orthogonal_factors(n)) or (torch.ones(1, 1, dtype=torch.float64),)
-        signs = None
-        if seed is not None:
-            generator = torch.Generator().manual_seed(seed)
-            signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
+        # shared across calls: tensors made inside `torch.inference_mode` could never take part in autograd later
+        with torch.inference_mode(False):
+            factors = tuple(orthogonal_factors(n)) or (torch.ones(1, 1, dtype=torch.float64),)
+            signs = None
+            if seed is not None:
+                generator = torch.Generator().manual_seed(seed)
+                signs = torch.randint(0, 2, (n,), generator=generator, dtype=torch.float64) * 2 - 1
         return cls(tuple(f.shape[0] for f in factors), factors, signs)
 
     @classmethod
@@ -95,8 +97,9 @@ class KroneckerRotation:
         key = (device, dtype)
         cached = self._cache.get(key)
         if cached is None:
-            factors = tuple(None if f is None else f.to(device=device, dtype=dtype) for f in self.factors)
-            signs = None if self.signs is None else self.signs.to(device=device, dtype=dtype)
+            with torch.inference_mode(False):  # cached for later calls, which may need autograd (as in `hadamard`)
+                factors = tuple(None if f is None else f.to(device=device, dtype=dtype) for f in self.factors)
+                signs = None if self.signs is None else self.signs.to(device=device, dtype=dtype)
             cached = self._cache[key] = (factors, signs)
         return cached
 
