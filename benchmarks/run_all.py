@@ -191,7 +191,7 @@ WHAT_LIMITS_SPEED = [
     "- Decode-sized calls run PyTorch's fused int4 weight-only kernel on the packed weight (a quarter of the bf16",
     "  bytes) after fake-quantizing the input, and beat the bf16 layer by 2-2.5x. torchao's int4 weight-only layer",
     "  runs the same kernel without quantizing activations and stays a few percent ahead: the activation rounding",
-    "  is 19 small operations on one token (14 symmetric), a few microseconds each, and every one also slows the",
+    "  is about twenty small operations on one token, a few microseconds each, and every one also slows the",
     "  kernel that follows.",
     "- Group-wise weights between a few and ~100 tokens: the int4 kernel's cost grows linearly with the tokens",
     "  (about 0.4 ms per token at 4096x4096), so it loses to bf16 from about 5 tokens on; past ~96 tokens the",
