@@ -7,15 +7,23 @@
 - ``int8_gemm``: a true integer GEMM (`torch._int_mm`, int8 tensor cores / AMX / VNNI) for per-channel weights
   with dynamic per-token activations. Integer accumulation is exact; only the final scaling rounds.
 
+- ``simulated`` (the reference): dequantize, fake-quantize, dense matmul; outside autograd the weight is
+  dequantized in cache-sized row blocks, one GEMM each (`matmul_in_row_blocks`).
+
+On CPU the element-wise steps around these (activation codes, the integer GEMM's scaling, dequantization) run as
+fused compiled passes that equal the eager code bit for bit (`optimum_qap.quant.fused`).
+
 Kernel-format tensors are derived from the saved buffers at first use on a device (a one-time repack) and
 never saved, so the on-disk format does not depend on the kernel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from . import functional as qf
+from . import fused
 
 KERNEL_MODES = ("auto", "simulated")
 INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
@@ -30,6 +38,9 @@ INT4_MAX_TOKENS = {"cpu": 96, "cuda": 16}
 # activation dtypes the int4 kernels serve: tinygemm on CUDA takes bf16 only; the CPU kernel takes fp32 and fp16
 # too but runs them tens of times slower than bf16, far behind the simulated path, so those stay there
 INT4_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16,)}
+# weight elements dequantized at once on the simulated path: 4 MB in bf16, which the GEMM reading the block finds
+# in cache; a whole 4096x4096 weight at once costs as much again as the GEMM (written out, page-faulted, re-read)
+DEQUANTIZE_BLOCK_ELEMENTS = 2**21
 
 
 def int4_kernel_group_size(in_features: int, group_size: int | None, out_features: int) -> int | None:
@@ -77,6 +88,24 @@ def int4_weight_only_matmul(
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def matmul_in_row_blocks(rows: torch.Tensor, weight_rows: Callable[[slice], torch.Tensor], out_features: int,
+                         bias: torch.Tensor | None) -> torch.Tensor:
+    """``rows [n, in] @ W.T + bias`` where ``weight_rows(block)`` dequantizes a block of W's rows: one GEMM per
+    block of output columns, each `nn.functional.linear`'s addmm (the bias added inside it), written in place.
+    A layer of up to `DEQUANTIZE_BLOCK_ELEMENTS` weights is one block, the whole GEMM; larger ones may round
+    differently from one whole GEMM, as any two GEMM shapes may (oneDNN picks its blocking by shape)."""
+    block = max(16, DEQUANTIZE_BLOCK_ELEMENTS // rows.shape[-1] // 16 * 16)
+    out = torch.empty(rows.shape[0], out_features, dtype=rows.dtype, device=rows.device)
+    for start in range(0, out_features, block):
+        columns = slice(start, min(start + block, out_features))
+        weight = weight_rows(columns)
+        if bias is None:
+            torch.mm(rows, weight.t(), out=out[:, columns])
+        else:
+            torch.addmm(bias[columns].to(rows.dtype), rows, weight.t(), out=out[:, columns])
+    return out
+
+
 def int8_gemm_supported(w_bits: int, w_symmetric: bool, a_bits: int, a_granularity: str, a_symmetric: bool) -> bool:
     """Whether centred weight and activation codes fit int8 for the integer GEMM (per-channel weights assumed;
     `torch._int_mm` also needs both matrix sizes to be multiples of 8 on CUDA, which `QuantLinear` checks)."""
@@ -98,7 +127,6 @@ def int8_gemm(
     """W4A4 as an integer GEMM: per-token activation codes times per-channel weight codes ([out, in] int8),
     accumulated exactly in int32 and scaled once in float32 (``weight_scale``: float32 [1, out]); returns
     ``x.dtype``."""
-    codes, scale = qf.per_token_codes(x.reshape(-1, x.shape[-1]), bits, symmetric)
-    accumulated = torch._int_mm(codes.to(torch.int8), weight_codes.t())
-    out = accumulated.float().mul_(scale).mul_(weight_scale).to(x.dtype)
+    codes, scale = fused.per_token_int8_codes(x.reshape(-1, x.shape[-1]), bits, symmetric)
+    out = fused.scale_accumulated(torch._int_mm(codes, weight_codes.t()), scale, weight_scale, x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from . import functional as qf
-from . import kernels
+from . import fused, kernels
 from .packing import pack_codes, packed_length, unpack_codes, unpack_codes_as_float
 
 # elements quantized at once: bounds the float32 temporaries (~64 MB each) whatever the layer size
@@ -199,14 +199,19 @@ class QuantLinear(nn.Module):
             block["weight_zero"] = codes.zero
         return block
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The float weight (its ``rows`` only) in the scale dtype, dequantized from the packed codes."""
         if not self.spec.packs_weight:
-            return self.weight
-        codes, offset = unpack_codes_as_float(self.weight_packed, self.spec.w_bits, self.in_features,
-                                              self.weight_scale.dtype)
-        zero = self.weight_zero if not self.spec.w_symmetric else None
-        return qf.dequantize_weight(codes, self.weight_scale, zero, self.spec.w_bits, self.weight_group_size,
-                                    self.weight_scale.dtype, offset)
+            return self.weight[rows]
+        packed, scale = self.weight_packed[rows], self.weight_scale[rows]
+        zero = self.weight_zero[rows] if not self.spec.w_symmetric else None
+        weight = fused.dequantize_packed(packed, scale, zero, self.spec.w_bits, self.weight_group_size,
+                                         self.in_features)
+        if weight is not None:
+            return weight
+        codes, offset = unpack_codes_as_float(packed, self.spec.w_bits, self.in_features, scale.dtype)
+        return qf.dequantize_weight(codes, scale, zero, self.spec.w_bits, self.weight_group_size, scale.dtype,
+                                    offset)
 
     def cache_dequantized_weight(self, enabled: bool = True) -> None:
         """Keep the dequantized weight between calls: faster decoding, at the memory cost of a float weight."""
@@ -231,9 +236,9 @@ class QuantLinear(nn.Module):
     def _fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         if spec.a_granularity == "per_token":
-            return qf.fake_quant_per_token(x, spec.a_bits, spec.a_symmetric)
+            return fused.fake_quant_per_token(x, spec.a_bits, spec.a_symmetric)
         if spec.a_granularity == "per_group":
-            return qf.fake_quant_per_group(x, spec.a_bits, spec.a_group_size, spec.a_symmetric)
+            return fused.fake_quant_per_group(x, spec.a_bits, spec.a_group_size, spec.a_symmetric)
         self._require_calibration()
         low, high = self.input_min, self.input_max
         if spec.a_granularity == "static_per_tensor":
@@ -327,8 +332,22 @@ class QuantLinear(nn.Module):
             packed, group, table = self._kernel_tensors(path, x.device, x.dtype)
             out = kernels.int4_weight_only_matmul(self.quantize_input(x), packed, group, table)
         else:
-            return nn.functional.linear(self.quantize_input(x), self._weight_for_matmul(x.dtype), self.bias)
+            return self._simulated_matmul(self.quantize_input(x))
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _simulated_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T + b`` with the dequantized weight, over ``x`` flattened to rows: one GEMM with the bias
+        added inside it, as `nn.functional.linear` computes a 2-D input (a 3-D one that is not contiguous it
+        computes as a matmul and an add, which rounds differently). Without autograd or the compiler, the weight
+        is dequantized in row blocks that stay in cache (`kernels.matmul_in_row_blocks`)."""
+        rows = x.reshape(-1, x.shape[-1])
+        records_gradient = needs_gradient(x) or (self.bias is not None and needs_gradient(self.bias))
+        if not self.spec.packs_weight or self._cache_weight or records_gradient or torch.compiler.is_compiling():
+            out = nn.functional.linear(rows, self._weight_for_matmul(x.dtype), self.bias)
+        else:
+            out = kernels.matmul_in_row_blocks(rows, lambda block: self.dequantized_weight(block).to(x.dtype),
+                                               self.out_features, self.bias)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
     def weight_storage_bytes(self) -> int:
         """Bytes held for the weight: packed codes, scales and zero points (or the float weight)."""

@@ -1,0 +1,106 @@
+"""Fused CPU operations: the element-wise W4A4 steps as single compiled passes, bit for bit equal to the eager
+PyTorch code in `functional` and `kernels` (``csrc/fused_cpu.cpp``; tests/test_fused.py compares them).
+
+Eager, those steps are ~20 dispatched operations per call: at decode they cost as much as the rest of the layer
+beyond the int4 kernel, and over long prompts each is a pass over the activations. The extension is compiled with
+PyTorch's C++ extension builder at first use (a C++ compiler is needed; about a minute, then cached under
+``TORCH_EXTENSIONS_DIR``). Where it cannot be built, every caller keeps the eager code, with one warning.
+``OPTIMUM_QAP_FUSED=0`` turns the fused ops off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from . import functional as qf
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
+# -ffp-contract=off: no fused multiply-add, so every float operation rounds as PyTorch's kernels round it.
+# -march=native: built on the machine that runs it, for its vector units.
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("OPTIMUM_QAP_FUSED", "1") != "0"
+
+
+def _build() -> object:
+    from torch.utils import cpp_extension
+
+    # one build per vector capability: a cache shared by different machines must not hand one another's code
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    logger.info("optimum-qap: building the fused CPU ops (first use on this machine; cached afterwards)")
+    cpp_extension.load(name=f"optimum_qap_fused_cpu_{capability}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                       is_python_module=False, verbose=False)
+    return torch.ops.optimum_qap
+
+
+def ops():
+    """The compiled operations (``torch.ops.optimum_qap``), built on first call; None where unavailable."""
+    if "ops" in _state:
+        return _state["ops"]
+    with _lock:
+        if "ops" not in _state:
+            try:
+                _state["ops"] = _build() if enabled() else None
+            except Exception as error:  # no compiler, no ninja, a read-only cache...: the eager code serves
+                logger.warning("optimum-qap: fused CPU ops unavailable (%s: %s); using the eager PyTorch code, "
+                               "which is slower at decode and on long inputs", type(error).__name__, error)
+                _state["ops"] = None
+    return _state["ops"]
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` can use the fused ops: a CPU tensor outside autograd and torch.compile (which
+    fuses the eager code itself)."""
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling()
+            and not (x.requires_grad and torch.is_grad_enabled()) and ops() is not None)
+
+
+def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
+    """`functional.fake_quant_per_token`, as one fused pass where served."""
+    if not serves(x):
+        return qf.fake_quant_per_token(x, bits, symmetric)
+    return ops().fake_quant_rows(x.reshape(-1, x.shape[-1]), bits, symmetric).reshape(x.shape)
+
+
+def fake_quant_per_group(x: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """`functional.fake_quant_per_group`, as one fused pass where served (groups that tile the channels)."""
+    if not serves(x) or x.shape[-1] % group_size:
+        return qf.fake_quant_per_group(x, bits, group_size, symmetric)
+    return ops().fake_quant_rows(x.reshape(-1, group_size), bits, symmetric).reshape(x.shape)
+
+
+def per_token_int8_codes(rows: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centred per-token codes of ``rows`` [n, channels] as int8, and their float32 scales [n, 1]."""
+    if not serves(rows):
+        codes, scale = qf.per_token_codes(rows, bits, symmetric)
+        return codes.to(torch.int8), scale
+    return ops().int8_codes_rows(rows, bits, symmetric)
+
+
+def scale_accumulated(accumulated: torch.Tensor, row_scale: torch.Tensor, column_scale: torch.Tensor,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """``(float(accumulated) * row_scale) * column_scale`` in ``dtype``: the integer GEMM's epilogue."""
+    if not serves(accumulated):
+        return accumulated.float().mul_(row_scale).mul_(column_scale).to(dtype)
+    return ops().scale_accumulated(accumulated, row_scale, column_scale, dtype)
+
+
+def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+                      group_size: int | None, length: int) -> torch.Tensor | None:
+    """The weight in ``scale.dtype`` from packed 4- or 8-bit codes in one pass, or None where not served
+    (the caller then unpacks and dequantizes eagerly)."""
+    if bits not in (4, 8) or not serves(packed):
+        return None
+    return ops().dequantize_packed(packed, scale, zero, bits, group_size or length, length)
