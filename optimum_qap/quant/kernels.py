@@ -41,6 +41,9 @@ INT4_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16,)}
 # weight elements dequantized at once on the simulated path: 4 MB in bf16, which the GEMM reading the block finds
 # in cache; a whole 4096x4096 weight at once costs as much again as the GEMM (written out, page-faulted, re-read)
 DEQUANTIZE_BLOCK_ELEMENTS = 2**21
+# where the simulated path dequantizes in blocks: on a GPU a whole-weight dequantization is cheap next to the
+# kernel launches of a dozen blocks (not measured there: the blocks were built for CPU caches)
+ROW_BLOCK_DEVICES = ("cpu",)
 
 
 def int4_kernel_group_size(in_features: int, group_size: int | None, out_features: int) -> int | None:

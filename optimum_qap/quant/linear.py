@@ -338,11 +338,12 @@ class QuantLinear(nn.Module):
     def _simulated_matmul(self, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T + b`` with the dequantized weight, over ``x`` flattened to rows: one GEMM with the bias
         added inside it, as `nn.functional.linear` computes a 2-D input (a 3-D one that is not contiguous it
-        computes as a matmul and an add, which rounds differently). Without autograd or the compiler, the weight
-        is dequantized in row blocks that stay in cache (`kernels.matmul_in_row_blocks`)."""
+        computes as a matmul and an add, which rounds differently). On CPU, without autograd or the compiler, the
+        weight is dequantized in row blocks that stay in cache (`kernels.matmul_in_row_blocks`)."""
         rows = x.reshape(-1, x.shape[-1])
         records_gradient = needs_gradient(x) or (self.bias is not None and needs_gradient(self.bias))
-        if not self.spec.packs_weight or self._cache_weight or records_gradient or torch.compiler.is_compiling():
+        if (not self.spec.packs_weight or self._cache_weight or records_gradient or torch.compiler.is_compiling()
+                or x.device.type not in kernels.ROW_BLOCK_DEVICES):
             out = nn.functional.linear(rows, self._weight_for_matmul(x.dtype), self.bias)
         else:
             out = kernels.matmul_in_row_blocks(rows, lambda block: self.dequantized_weight(block).to(x.dtype),
