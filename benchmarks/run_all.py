@@ -296,7 +296,7 @@ def main() -> None:
         "generation": "python benchmarks/generation.py --decoder-layers 2 --new-tokens 16 --calib-samples 4"
         " --dtype bfloat16",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600 --peers --repeats 7",
-        "crossover": "python benchmarks/crossover.py --dtype bfloat16 --tokens 1,2,4,8,16,32,64,96,128 --repeats 5",
+        "crossover": "python benchmarks/crossover.py --dtype bfloat16 --tokens 1,2,4,8,16,20,24,32,64,128 --repeats 5",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4 --gptq-samples 8",
         "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }

@@ -31,10 +31,11 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # than 16 rows), and up to which the int4 weight-only kernel beats dequantize + dense matmul; its cost grows
 # linearly with the tokens. CPU values are measured at LLaVA-7B shapes, bf16, 1 thread, by
 # benchmarks/crossover.py (docs/performance.md, "Path thresholds"): the integer GEMM overtakes the int4 kernel at
-# about 4 tokens, and a decoder layer's seven linears take the same time on the int4 and simulated paths at about
-# 96. The CUDA values are not measured yet (docs/performance-cuda.md).
+# about 4 tokens, and a decoder layer's seven linears take the same time on the int4 and simulated paths (blocked
+# dequantization, fused CPU ops) at 21-22 (int4 5 % ahead at 20, simulated 7 % ahead at 24). The CUDA values are
+# not measured yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 4, "cuda": 17}
-INT4_MAX_TOKENS = {"cpu": 96, "cuda": 16}
+INT4_MAX_TOKENS = {"cpu": 20, "cuda": 16}
 # activation dtypes the int4 kernels serve: tinygemm on CUDA takes bf16 only; the CPU kernel takes fp32 and fp16
 # too but runs them tens of times slower than bf16, far behind the simulated path, so those stay there
 INT4_DTYPES = {"cpu": (torch.bfloat16,), "cuda": (torch.bfloat16,)}
