@@ -180,3 +180,27 @@ def test_environment_switch_turns_the_fused_ops_off(monkeypatch):
     monkeypatch.setenv("OPTIMUM_QAP_FUSED", "0")
     monkeypatch.setattr(fused, "_build", mock.Mock(side_effect=AssertionError("must not build")))
     assert fused.ops() is None and not fused.serves(torch.randn(2))
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16))
+def test_simulated_layer_in_blocks_equals_the_whole_weight_matmul(monkeypatch, dtype):
+    """A layer's simulated call in 6 blocks of 16 rows gives the values of one matmul with the whole dequantized
+    weight, and the autograd path (one whole matmul) agrees with it."""
+    monkeypatch.setattr(kernels, "DEQUANTIZE_BLOCK_ELEMENTS", 16 * 256)
+    torch.manual_seed(0)
+    module = QuantLinear.from_linear(nn.Linear(256, 96, dtype=dtype), QuantSpec())
+    module.kernels = "simulated"
+    x = torch.randn(2, 7, 256).to(dtype)
+    calls = []
+    dequantized = module.dequantized_weight
+
+    def counted(rows: slice = slice(None)) -> torch.Tensor:
+        calls.append(rows)
+        return dequantized(rows)
+
+    with mock.patch.object(module, "dequantized_weight", counted), torch.no_grad():
+        blocked = module(x)
+    assert len(calls) == 6
+    whole = nn.functional.linear(module.quantize_input(x).reshape(-1, 256), dequantized(), module.bias)
+    assert_identical(blocked, whole.reshape(2, 7, 96).detach())
+    assert_identical(module(x.clone().requires_grad_()).detach(), blocked)

@@ -10,8 +10,11 @@ PyTorch's C++ extension builder at first use (a C++ compiler is needed; about a 
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -34,13 +37,21 @@ def enabled() -> bool:
     return os.environ.get("OPTIMUM_QAP_FUSED", "1") != "0"
 
 
+def machine_key() -> str:
+    """Names one build per CPU feature set: the build uses every instruction of the machine that compiles it, so
+    a cache shared by different machines (a home directory on a cluster) must not hand one's code to another."""
+    features = platform.machine() + torch.backends.cpu.get_cpu_capability()
+    with contextlib.suppress(OSError):
+        features += next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                          if line.startswith(("flags", "Features"))), "")
+    return hashlib.sha256(features.encode()).hexdigest()[:12]
+
+
 def _build() -> object:
     from torch.utils import cpp_extension
 
-    # one build per vector capability: a cache shared by different machines must not hand one another's code
-    capability = torch.backends.cpu.get_cpu_capability().lower()
     logger.info("optimum-qap: building the fused CPU ops (first use on this machine; cached afterwards)")
-    cpp_extension.load(name=f"optimum_qap_fused_cpu_{capability}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    cpp_extension.load(name=f"optimum_qap_fused_cpu_{machine_key()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                        is_python_module=False, verbose=False)
     return torch.ops.optimum_qap
 
