@@ -80,6 +80,7 @@ def _quantize_layer(layer: nn.Module, linears: dict[str, nn.Linear], inputs: lis
                          config.gptq_damping, config.gptq_act_order, config.gptq_block_size)
         codes[name] = found.codes
         report[name] = _error_reduction(weight, found.dequantized, hessian, config)
+        del found, hessian  # a float weight and a Hessian: gone before the next linear's GPTQ allocates its own
     return codes, report
 
 
