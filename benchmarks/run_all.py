@@ -173,6 +173,7 @@ def markdown(results: dict, commands: dict[str, str]) -> str:
         ),
         "",
         *crossover_section(results, commands),
+        *fused_section(results, commands),
         *backbone_section(results, commands),
         *WHAT_LIMITS_SPEED,
     ]
@@ -186,26 +187,24 @@ WHAT_LIMITS_SPEED = [
     "[quantization.md](quantization.md#kernels-which-path-a-call-takes-kernels-optimum_qapset_kernels)); every other",
     "qap column with the default group-wise layout takes the same path; `per-channel` takes `int8_gemm` from 4",
     "tokens. `qap per_token simulated` is the reference path (dequantize, fake-quantize, dense matmul). Timings of",
-    "short calls are taken over 64 // tokens calls in a row.",
+    "short calls are taken over 64 // tokens calls in a row. On CPU the activation rounding, the int8 codes, the",
+    "integer GEMM's scaling and the dequantization run as fused compiled passes, equal to the eager PyTorch code bit",
+    "for bit ([quantization.md](quantization.md#kernels-which-path-a-call-takes-kernels-optimum_qapset_kernels)).",
     "",
     "- Decode-sized calls run PyTorch's fused int4 weight-only kernel on the packed weight (a quarter of the bf16",
-    "  bytes) after fake-quantizing the input, and beat the bf16 layer by 2-2.5x. torchao's int4 weight-only layer",
-    "  runs the same kernel without quantizing activations and stays a few percent ahead: the activation rounding",
-    "  is about twenty small operations on one token, a few microseconds each, and every one also slows the",
-    "  kernel that follows.",
-    "- Group-wise weights between a few and ~100 tokens: the int4 kernel's cost grows linearly with the tokens",
-    "  (about 0.4 ms per token at 4096x4096), so it loses to bf16 from about 5 tokens on; past ~96 tokens the",
-    "  simulated path is faster (path thresholds table above). Long group-wise calls dequantize the weight on",
-    "  every call: on this AMX CPU a bf16 GEMM of 600 tokens takes about as long as eager PyTorch needs to",
-    "  dequantize the weight once (the simulated",
-    "  column minus 1, in units of the GEMM), and `torch._int_mm` cannot apply per-group scales. Closing that gap",
-    "  needs a fused dequantize-GEMM kernel, which PyTorch does not ship for CPU in eager mode.",
-    "- Per-channel weights (`w_group_size=None`) run the integer GEMM (AMX int8) from 4 tokens: faster than bf16",
-    "  up to at least 64 tokens and 1.2-1.3x at 600 (the activation codes and the int32 -> float scaling are",
-    "  element-wise passes over the activations around the integer GEMM). In the whole model that makes the unpruned",
-    "  prefill faster than the plain bf16 model and the pruned one 0.6x of it (generation table above); accuracy",
-    "  against group 128 is within noise on both demo models ([results.md](results.md#w4a4-backbone-on-a-model-with-"
-    "llm-style-outlier-channels)).",
+    "  bytes) after rounding the input in one fused pass (about 4 us for a 4096-channel token, against about 23 us",
+    "  for the ~20 eager operations it replaces), which puts them level with or ahead of torchao's int4",
+    "  weight-only layer (the same kernel, without activation quantization) in the linear table above.",
+    "- Group-wise weights between a few and ~20 tokens: the int4 kernel's cost grows linearly with the tokens",
+    "  (about 0.35 ms per token at 4096x4096), so it loses to bf16 from about 6 tokens on; past ~20 tokens the",
+    "  simulated path is faster (path thresholds table above). That path dequantizes the weight on every call, in",
+    "  blocks of 2**21 weights that the GEMM reads from cache; writing the dequantized weight out (bound by the",
+    "  store bandwidth) and rounding the input still add 12-24 % to a 600-token bf16 GEMM on this AMX CPU, and",
+    "  `torch._int_mm` cannot apply per-group scales. Closing the rest of the gap needs a fused dequantize-GEMM",
+    "  kernel, which PyTorch does not ship for CPU in eager mode.",
+    "- Per-channel weights (`w_group_size=None`) run the integer GEMM (AMX int8) from 4 tokens: faster than bf16 at",
+    "  every measured size from 4 tokens on, 600 included. Accuracy against group 128 is within noise on both",
+    "  demo models ([results.md](results.md#w4a4-backbone-on-a-model-with-llm-style-outlier-channels)).",
     "- fp32 and fp16 models on CPU stay on the simulated path at every token count: PyTorch's CPU int4 kernel takes",
     "  them but runs them far slower than bf16, and slower than the simulated path.",
     "- `cache_dequantized_weights(model)` trades the float weight's memory for the plain float matmul.",
@@ -216,7 +215,7 @@ WHAT_LIMITS_SPEED = [
 ]
 
 
-MEASUREMENTS = ("memory", "prefill", "generation", "linear", "crossover", "backbone")
+MEASUREMENTS = ("memory", "prefill", "generation", "linear", "crossover", "fused", "backbone")
 
 
 def crossover_section(results: dict, commands: dict[str, str]) -> list[str]:
@@ -241,6 +240,22 @@ def crossover_section(results: dict, commands: dict[str, str]) -> list[str]:
         "",
     ]
 
+
+def fused_section(results: dict, commands: dict[str, str]) -> list[str]:
+    """The fused CPU ops against the eager code they replace."""
+    fused = results.get("fused")
+    if fused is None:
+        return []
+    return [
+        "## Fused CPU ops against the eager PyTorch code",
+        "",
+        f"`{commands['fused']}` ({threads(fused)}, {fused['dtype']}). Microseconds per call; both compute the same",
+        "values bit for bit (`tests/test_fused.py`).",
+        "",
+        *table(["op", "eager us", "fused us", "fused / eager"],
+               [[row["op"], row["eager_us"], row["fused_us"], row["fused_over_eager"]] for row in fused["rows"]]),
+        "",
+    ]
 
 
 def backbone_section(results: dict, commands: dict[str, str]) -> list[str]:
@@ -297,6 +312,7 @@ def main() -> None:
         " --dtype bfloat16",
         "linear": "python benchmarks/linear.py --dtype bfloat16 --tokens 1,16,64,600 --peers --repeats 7",
         "crossover": "python benchmarks/crossover.py --dtype bfloat16 --tokens 1,2,4,8,16,20,24,32,64,128 --repeats 5",
+        "fused": "python benchmarks/fused_ops.py --repeats 7",
         "memory": "python benchmarks/load_memory.py --decoder-layers 4 --gptq-samples 8",
         "backbone": "python benchmarks/backbone.py --decoder-layers 2 --calib-samples 4 --dtype bfloat16 --repeats 5",
     }
@@ -346,6 +362,8 @@ def main() -> None:
         keep("linear", run("linear.py", *commands["linear"].split()[2:]))
     if "crossover" in args.only:
         keep("crossover", run("crossover.py", *commands["crossover"].split()[2:]))
+    if "fused" in args.only:
+        keep("fused", run("fused_ops.py", *commands["fused"].split()[2:]))
     if "backbone" in args.only:
         keep("backbone", run("backbone.py", *commands["backbone"].split()[2:], *workdir))
     with open(args.markdown, "w") as handle:

@@ -60,3 +60,8 @@ def test_prefill_and_generation_benchmarks_run(benchmark, tmp_path):
     generation = benchmark("generation", "--decoder-layers", "1", "--new-tokens", "2", "--calib-samples", "1",
                            "--repeats", "1", "--workdir", str(tmp_path))
     assert generation["decode_tokens_per_s_pruned"] > 0 and generation["prompt_tokens"] > 576
+
+
+def test_fused_ops_benchmark_runs(benchmark):
+    fused = benchmark("fused_ops", "--repeats", "1")
+    assert len(fused["rows"]) == 6 and all(row["fused_us"] > 0 for row in fused["rows"])
