@@ -18,6 +18,7 @@ from .mapped_pages import released_when_dropped
 from .progress import progress_bar, timed_phase
 from .pruning.patch import attach_pruner
 from .pruning.support import pruner_class
+from .quant import fused
 from .quant.kernels import KERNEL_MODES
 from .quant.linear import QuantLinear, QuantSpec
 from .transforms.rotation import attach_online_rotations, rotate_outside_layers
@@ -198,6 +199,8 @@ class QAPrunerHfQuantizer(HfQuantizer):
             if isinstance(config.calibration, list):
                 config.calibration = None  # local file paths stay out of the saved config; calibration_summary stays
         set_kernels(model, config.kernels)
+        if any(p.device.type == "cpu" for p in model.parameters()):
+            fused.ops()  # built here at their first use on a machine (seconds), not inside the first generate
         if importlib.util.find_spec("peft") is not None:
             from .lora import install_peft_support
 

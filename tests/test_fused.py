@@ -204,3 +204,16 @@ def test_simulated_layer_in_blocks_equals_the_whole_weight_matmul(monkeypatch, d
     whole = nn.functional.linear(module.quantize_input(x).reshape(-1, 256), dequantized(), module.bias)
     assert_identical(blocked, whole.reshape(2, 7, 96).detach())
     assert_identical(module(x.clone().requires_grad_()).detach(), blocked)
+
+
+def test_loading_a_cpu_model_builds_the_fused_ops(tmp_path):
+    """The build (seconds at a machine's first use) happens in from_pretrained, not in the first generate."""
+    import tiny
+    from transformers import LlavaForConditionalGeneration
+
+    from optimum_qap import QAPrunerConfig
+
+    repo = tiny.save_tiny(tmp_path / "tiny")
+    with mock.patch.object(fused, "ops", wraps=fused.ops) as built:
+        LlavaForConditionalGeneration.from_pretrained(repo, quantization_config=QAPrunerConfig(keep_ratio=1.0))
+    assert built.call_count >= 1
