@@ -217,3 +217,24 @@ def test_loading_a_cpu_model_builds_the_fused_ops(tmp_path):
     with mock.patch.object(fused, "ops", wraps=fused.ops) as built:
         LlavaForConditionalGeneration.from_pretrained(repo, quantization_config=QAPrunerConfig(keep_ratio=1.0))
     assert built.call_count >= 1
+
+
+@ops
+def test_fused_ops_do_not_depend_on_the_thread_count():
+    """Rows are split between intra-op threads; each row's values must not depend on the split."""
+    x = activation_rows(torch.bfloat16)
+    accumulated = torch.randint(-2**20, 2**20, (x.shape[0], 48), dtype=torch.int32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            codes, scale = fused.ops().int8_codes_rows(x, 4, True)
+            results.append((fused.ops().fake_quant_rows(x, 4, False), codes, scale,
+                            fused.ops().scale_accumulated(accumulated, scale, torch.rand(1, 48,
+                                                          generator=torch.Generator().manual_seed(0)), x.dtype)))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for actual, expected in zip(other, results[0], strict=True):
+            assert_identical(actual, expected)
