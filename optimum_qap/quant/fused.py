@@ -38,9 +38,10 @@ def enabled() -> bool:
 
 
 def machine_key() -> str:
-    """Names one build per CPU feature set: the build uses every instruction of the machine that compiles it, so
-    a cache shared by different machines (a home directory on a cluster) must not hand one's code to another."""
-    features = platform.machine() + torch.backends.cpu.get_cpu_capability()
+    """Names one build per CPU feature set and torch version: the build uses every instruction of the machine that
+    compiles it, so a cache shared by different machines (a home directory on a cluster) must not hand one's code to
+    another, and it links against this torch (PyTorch's builder keys its cache on the sources and flags only)."""
+    features = platform.machine() + torch.backends.cpu.get_cpu_capability() + torch.__version__
     with contextlib.suppress(OSError):
         features += next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
                           if line.startswith(("flags", "Features"))), "")
