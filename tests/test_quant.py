@@ -231,3 +231,18 @@ def test_cached_dequantized_weight_gives_identical_outputs_and_is_not_saved():
     assert layer._cached_weight is not None and "_cached_weight" not in layer.state_dict()
     layer.cache_dequantized_weight(False)
     assert layer._cached_weight is None
+
+
+def test_weight_cached_inside_inference_mode_still_serves_training():
+    """A served model (inference mode) that caches its weight, then fine-tuned: the cached weight is saved for the
+    backward, which an inference tensor could not be."""
+    _, layer = make_layer(QuantSpec(w_bits=4, w_group_size=8))
+    layer.cache_dequantized_weight(True)
+    x = torch.randn(3, 40)
+    with torch.inference_mode():
+        served = layer(x)
+    leaf = x.clone().requires_grad_()
+    out = layer(leaf)
+    out.sum().backward()
+    assert torch.equal(out.detach(), served)
+    assert torch.equal(leaf.grad, torch.ones(3, 24) @ layer.dequantized_weight())  # straight-through

@@ -222,7 +222,10 @@ class QuantLinear(nn.Module):
         if not self._cache_weight:
             return self.dequantized_weight().to(dtype)
         if self._cached_weight is None or self._cached_weight.dtype != dtype:
-            self._cached_weight = self.dequantized_weight().to(dtype)
+            # kept for later calls, which may train (LoRA): a tensor made inside `torch.inference_mode` could never
+            # be saved for backward
+            with torch.inference_mode(False):
+                self._cached_weight = self.dequantized_weight().to(dtype)
         return self._cached_weight
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
