@@ -238,3 +238,14 @@ def test_fused_ops_do_not_depend_on_the_thread_count():
     for other in results[1:]:
         for actual, expected in zip(other, results[0], strict=True):
             assert_identical(actual, expected)
+
+
+@pytest.mark.parametrize("dtype", (*DTYPES, torch.float64))
+def test_dequantized_weight_equals_eager_in_every_dtype(dtype):
+    """float64 layers keep the eager dequantization (it multiplies in float64, the fused op in float32)."""
+    torch.manual_seed(0)
+    module = QuantLinear.from_linear(nn.Linear(256, 48, dtype=dtype), QuantSpec())
+    fast = module.dequantized_weight()
+    with mock.patch.object(fused, "ops", lambda: None):
+        eager = module.dequantized_weight()
+    assert_identical(fast, eager)

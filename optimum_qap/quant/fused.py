@@ -30,6 +30,9 @@ SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
 # -march=native: built on the machine that runs it, for its vector units.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math"]
 
+# the dtypes whose products PyTorch's CPU kernels compute in float32, as the fused dequantization does
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -114,6 +117,7 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
                       group_size: int | None, length: int) -> torch.Tensor | None:
     """The weight in ``scale.dtype`` from packed 4- or 8-bit codes in one pass, or None where not served
     (the caller then unpacks and dequantizes eagerly)."""
-    if bits not in (4, 8) or not serves(packed):
+    # float64 scales: the eager code multiplies in float64, the fused op in float32
+    if bits not in (4, 8) or scale.dtype not in FLOAT_DTYPES or not serves(packed):
         return None
     return ops().dequantize_packed(packed, scale, zero, bits, group_size or length, length)
