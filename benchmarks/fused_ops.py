@@ -44,11 +44,14 @@ def cases(dtype: torch.dtype) -> dict[str, tuple[Callable, Callable, int]]:
     layer = QuantLinear.from_linear(nn.Linear(4096, 4096, dtype=dtype), QuantSpec())
 
     def dequantize(rows: slice):
+        """What `QuantLinear.dequantized_weight(rows)` runs without and with the fused ops."""
         packed, scale, zero = layer.weight_packed[rows], layer.weight_scale[rows], layer.weight_zero[rows]
-        codes, offset = unpack_codes_as_float(packed, 4, 4096, scale.dtype)
-        return (lambda: qf.dequantize_weight(unpack_codes_as_float(packed, 4, 4096, scale.dtype)[0], scale, zero,
-                                             4, 128, scale.dtype, offset),
-                lambda: ops.dequantize_packed(packed, scale, zero, 4, 128, 4096))
+
+        def eager():
+            codes, offset = unpack_codes_as_float(packed, 4, 4096, scale.dtype)
+            return qf.dequantize_weight(codes, scale, zero, 4, 128, scale.dtype, offset)
+
+        return eager, lambda: ops.dequantize_packed(packed, scale, zero, 4, 128, 4096)
 
     return {
         "activation rounding, 1 token": (lambda: qf.fake_quant_per_token(token, 4, False),
