@@ -3,7 +3,8 @@
 At LLaVA-7B layer shapes: the default group-wise layout on the int4 kernel and on the simulated path, and the
 per-channel layout on the int4 kernel, the integer GEMM and the simulated path, against the bf16 `nn.Linear`.
 `kernels.INT4_MAX_TOKENS` is where int4 stops beating simulated over a decoder layer's seven linears (four of
-4096x4096, two 4096x11008, one 11008x4096); `kernels.INT8_MIN_TOKENS` is where the integer GEMM overtakes int4.
+4096x4096, two 4096x11008, one 11008x4096); `kernels.INT8_MIN_TOKENS` is where the integer GEMM overtakes int4;
+`kernels.AMX_MIN_TOKENS` is where the AMX integer GEMM (CPUs with AMX tiles) overtakes both.
 Run: python benchmarks/crossover.py --tokens 1,2,4,8,16,32,64,96,128 --dtype bfloat16
 """
 
@@ -30,13 +31,19 @@ LAYER_COUNTS = {"4096x4096": 4, "4096x11008": 2, "11008x4096": 1}  # linears of 
 @contextlib.contextmanager
 def forced(path: str, device: str):
     """Thresholds set so that every call takes ``path`` where its layout allows it."""
-    saved = kernels.INT4_MAX_TOKENS[device], kernels.INT8_MIN_TOKENS[device]
+    tables = (kernels.INT4_MAX_TOKENS, kernels.INT8_MIN_TOKENS, kernels.AMX_MIN_TOKENS)
+    saved = [table.get(device) for table in tables]
     kernels.INT4_MAX_TOKENS[device] = 2**31 if path == "int4_weight_only" else 0
     kernels.INT8_MIN_TOKENS[device] = 1 if path == "int8_gemm" else 2**31
+    kernels.AMX_MIN_TOKENS[device] = 1 if path == "amx_int8_gemm" else 2**31
     try:
         yield
     finally:
-        kernels.INT4_MAX_TOKENS[device], kernels.INT8_MIN_TOKENS[device] = saved
+        for table, value in zip(tables, saved, strict=True):
+            if value is None:
+                table.pop(device)
+            else:
+                table[device] = value
 
 
 def time_paths(linear: nn.Linear, x: torch.Tensor, repeats: int) -> dict[str, float]:
@@ -45,8 +52,9 @@ def time_paths(linear: nn.Linear, x: torch.Tensor, repeats: int) -> dict[str, fl
     inner = max(1, 64 // (x.numel() // x.shape[-1]))
     layouts = {"group 128": qap_layer(linear, "per_token"),
                "per-channel": qap_layer(linear, "per_token", group_size=None)}
-    choices = [("group 128", "int4_weight_only"), ("group 128", "simulated"), ("per-channel", "int4_weight_only"),
-               ("per-channel", "int8_gemm"), ("per-channel", "simulated")]
+    choices = [("group 128", "int4_weight_only"), ("group 128", "amx_int8_gemm"), ("group 128", "simulated"),
+               ("per-channel", "int4_weight_only"), ("per-channel", "int8_gemm"), ("per-channel", "amx_int8_gemm"),
+               ("per-channel", "simulated")]
     seconds = {"linear": interleaved_medians({"linear": repeated(linear, x, inner)}, repeats)["linear"] / inner}
     for layout, path in choices:
         layer = layouts[layout]
@@ -91,7 +99,8 @@ def main() -> None:
     print(json.dumps({**machine(), "dtype": args.dtype, "unit": "ms per call", "rows": rows,
                       "decoder_layer_ms": decoder_layer,
                       "thresholds": {"INT4_MAX_TOKENS": kernels.INT4_MAX_TOKENS,
-                                     "INT8_MIN_TOKENS": kernels.INT8_MIN_TOKENS}}, indent=2))
+                                     "INT8_MIN_TOKENS": kernels.INT8_MIN_TOKENS,
+                                     "AMX_MIN_TOKENS": kernels.AMX_MIN_TOKENS}}, indent=2))
 
 
 if __name__ == "__main__":

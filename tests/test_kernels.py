@@ -14,7 +14,7 @@ from torch import nn
 
 import optimum_qap
 from optimum_qap.quant import functional as qf
-from optimum_qap.quant import kernels
+from optimum_qap.quant import fused, kernels
 from optimum_qap.quant.linear import QuantLinear, QuantSpec
 from optimum_qap.quant.packing import unpack_codes
 
@@ -66,13 +66,15 @@ def int4_bound(module: QuantLinear, x: torch.Tensor, fast: torch.Tensor, referen
     return x_abs @ per_weight.T + accumulation + u * (fast.double().abs() + reference.double().abs())
 
 
-def int8_bound(module: QuantLinear, x: torch.Tensor, fast: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """The integer GEMM is exact and scales once (two float32 products). The reference rounds x_hat and w to the
-    dtype (u each, plus 2^-24 for x_hat's float32 product) and accumulates in float32 (K * 2^-24); both round the
-    output once."""
+def int8_bound(module: QuantLinear, x: torch.Tensor, fast: torch.Tensor, reference: torch.Tensor,
+               groups: int = 1) -> torch.Tensor:
+    """The integer GEMM is exact and scales once (two float32 products); with weight ``groups``, each group's
+    exact sum is scaled and added in float32 (one rounding per group, the AMX GEMM). The reference rounds x_hat
+    and w to the dtype (u each, plus 2^-24 for x_hat's float32 product) and accumulates in float32 (K * 2^-24);
+    both round the output once."""
     u, u32 = unit_roundoff(x.dtype), unit_roundoff(torch.float32)
     x_abs, w_abs = exact_operands(module, x)
-    relative = 2 * u + 4 * u32 + 2 * module.in_features * u32
+    relative = 2 * u + (4 + groups) * u32 + 2 * module.in_features * u32
     return relative * (x_abs @ w_abs.T) + u * (fast.double().abs() + reference.double().abs())
 
 
@@ -101,7 +103,8 @@ def test_int4_weight_only_matches_simulated(device, dtype, group_size, w_symmetr
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("w_symmetric,a_symmetric", list(itertools.product((False, True), (False, True))))
-def test_int8_gemm_matches_simulated(device, dtype, w_symmetric, a_symmetric):
+def test_int8_gemm_matches_simulated(device, dtype, w_symmetric, a_symmetric, monkeypatch):
+    monkeypatch.setattr(kernels, "AMX_MIN_TOKENS", {})  # the path of CPUs without AMX tiles
     module = layer(QuantSpec(w_group_size=None, w_symmetric=w_symmetric, a_symmetric=a_symmetric), dtype, device)
     x = torch.randn(40, module.in_features, device=device, dtype=dtype) * 3
     with torch.no_grad():
@@ -110,9 +113,10 @@ def test_int8_gemm_matches_simulated(device, dtype, w_symmetric, a_symmetric):
     assert_within(fast, reference, int8_bound(module, x, fast, reference), module.bias)
 
 
-def test_int8_gemm_accumulates_exactly():
-    """On integer-valued operands every path must be exact: the integer GEMM gives the float64 result."""
-    module = layer(QuantSpec(w_group_size=None, w_symmetric=True, a_symmetric=True), torch.float32, "cpu")
+@pytest.mark.parametrize("group_size", [None, 64])
+def test_integer_gemms_accumulate_exactly(group_size):
+    """On integer-valued operands every path must be exact: the integer GEMMs give the float64 result."""
+    module = layer(QuantSpec(w_group_size=group_size, w_symmetric=True, a_symmetric=True), torch.float32, "cpu")
     module.weight_scale.fill_(1.0)
     module.bias.data.zero_()
     x = torch.randint(-7, 8, (32, module.in_features)).float()
@@ -123,11 +127,23 @@ def test_int8_gemm_accumulates_exactly():
     assert torch.equal(out.double(), x.double() @ codes.T)
 
 
-@pytest.mark.parametrize("tokens,path", [(1, "int4_weight_only"), (kernels.INT4_MAX_TOKENS["cpu"], "int4_weight_only"),
-                                         (kernels.INT4_MAX_TOKENS["cpu"] + 1, "simulated")])
-def test_path_choice_for_group_wise_layouts(tokens, path):
-    module = layer(QuantSpec(), torch.bfloat16, "cpu")
-    assert module.matmul_path(torch.zeros(tokens, module.in_features, dtype=torch.bfloat16)) == path
+AMX = fused.amx_available()
+
+
+@pytest.mark.parametrize("amx", [False] + [True] * AMX)
+@pytest.mark.parametrize("group_size", [128, None])
+def test_path_choice_by_tokens(amx, group_size, monkeypatch):
+    if not amx:  # as on CPUs without AMX tiles
+        monkeypatch.setattr(fused, "amx_serves", lambda *shape: False)
+    module = layer(QuantSpec(w_group_size=group_size), torch.bfloat16, "cpu")
+    for tokens in range(1, 2 * kernels.INT4_MAX_TOKENS["cpu"]):
+        if amx and tokens >= kernels.AMX_MIN_TOKENS["cpu"]:
+            expected = "amx_int8_gemm"
+        elif group_size is None and tokens >= kernels.INT8_MIN_TOKENS["cpu"]:
+            expected = "int8_gemm"
+        else:
+            expected = "int4_weight_only" if tokens <= kernels.INT4_MAX_TOKENS["cpu"] else "simulated"
+        assert module.matmul_path(torch.zeros(tokens, module.in_features, dtype=torch.bfloat16)) == expected
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -194,12 +210,15 @@ def test_config_field_and_set_kernels(tiny_repo):
 
 
 @pytest.mark.parametrize("group_size", [128, None])
-def test_quant_linear_compiles_without_graph_breaks(group_size):
+def test_quant_linear_compiles_without_graph_breaks(group_size, monkeypatch):
     module = layer(QuantSpec(w_group_size=group_size), torch.bfloat16, "cpu")
     for tokens in (1, 40, kernels.INT4_MAX_TOKENS["cpu"] + 1):
         x = torch.randn(tokens, 256, dtype=torch.bfloat16)
-        with torch.no_grad():
-            module(x)  # the one-time repack runs eagerly
+        with torch.no_grad(), monkeypatch.context() as eager:
+            # the one-time repack runs eagerly, on the path the compiled graph takes (the fused ops and the AMX
+            # GEMM serve eager calls only)
+            eager.setattr(fused, "amx_serves", lambda *shape: False)
+            module(x)
             explained = torch._dynamo.explain(module)(x)
         assert explained.graph_break_count == 0, (module.matmul_path(x), explained.break_reasons)
 

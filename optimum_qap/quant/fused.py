@@ -12,6 +12,7 @@ PyTorch's C++ extension builder at first use (a C++ compiler and ninja are neede
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -25,7 +26,7 @@ from . import functional as qf
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "fused_cpu.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("fused_cpu.cpp", "amx_cpu.cpp")]
 # -ffp-contract=off: no fused multiply-add, so every float operation rounds as PyTorch's kernels round it.
 # -march=native: built on the machine that runs it, for its vector units.
 CFLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math"]
@@ -56,8 +57,8 @@ def _build() -> object:
     from torch.utils import cpp_extension
 
     logger.info("optimum-qap: building the fused CPU ops (first use on this machine; cached afterwards)")
-    cpp_extension.load(name=f"optimum_qap_fused_cpu_{machine_key()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                       is_python_module=False, verbose=False)
+    cpp_extension.load(name=f"optimum_qap_fused_cpu_{machine_key()}", sources=[str(source) for source in SOURCES],
+                       extra_cflags=CFLAGS, is_python_module=False, verbose=False)
     return torch.ops.optimum_qap
 
 
@@ -121,3 +122,27 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     if bits not in (4, 8) or scale.dtype not in FLOAT_DTYPES or not serves(packed):
         return None
     return ops().dequantize_packed(packed, scale, zero, bits, group_size or length, length)
+
+
+def amx_available() -> bool:
+    """Whether the AMX integer GEMM (``csrc/amx_cpu.cpp``) runs here: built for a CPU with AMX tiles and granted
+    them by the OS (Linux, Sapphire Rapids or later)."""
+    if "amx" not in _state:
+        _state["amx"] = ops() is not None and bool(ops().amx_available())
+    return _state["amx"]
+
+
+@functools.cache
+def amx_serves(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether the AMX integer GEMM runs here for a 4-bit layer of this shape and weight group size (in_features
+    for per-channel scales): channels a multiple of 64, outputs of 32, groups of 64 channels that tile the kernel's
+    1024-channel blocks (or span whole ones)."""
+    return amx_available() and bool(ops().amx_serves(in_features, out_features, group_size))
+
+
+def amx_int8_gemm(codes: torch.Tensor, code_scale: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+                  zero: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``codes [n, in]`` (centred int8, scales ``code_scale [n, 1]``) times the packed 4-bit weight: per-group
+    int32 sums scaled in float32, in ``dtype`` (see `kernels.amx_int8_gemm`)."""
+    return ops().amx_int8_gemm(codes, code_scale, packed, weight_scale, zero, group_size, bias, dtype)

@@ -6,6 +6,9 @@
   to ``zero_float = (8 - z) * scale``, exact in float32 and rounded once to the activation dtype otherwise.
 - ``int8_gemm``: a true integer GEMM (`torch._int_mm`, int8 tensor cores / AMX / VNNI) for per-channel weights
   with dynamic per-token activations. Integer accumulation is exact; only the final scaling rounds.
+- ``amx_int8_gemm``: the same integer GEMM on CPU AMX tiles for group-wise and per-channel 4-bit weights
+  (``csrc/amx_cpu.cpp``): each weight group's sums exact in int32, scaled by the group's scale in float32. It
+  reads the packed codes the layer stores; the only kernel-format tensor is a float32 copy of the scales.
 
 - ``simulated`` (the reference): dequantize, fake-quantize, dense matmul; outside autograd the weight is
   dequantized in cache-sized row blocks, one GEMM each (`matmul_in_row_blocks`).
@@ -35,6 +38,10 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # dequantization, fused CPU ops) at 21-22 (int4 5 % ahead at 20, simulated 7 % ahead at 24). The CUDA values are
 # not measured yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 4, "cuda": 17}
+# tokens per call from which the AMX integer GEMM serves its layouts (CPU only), ahead of the other paths
+AMX_MIN_TOKENS = {"cpu": 5}
+# activation dtypes the AMX GEMM writes (it reads int8 codes, so any float model is served)
+AMX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_MAX_TOKENS = {"cpu": 20, "cuda": 16}
 # activation dtypes the int4 kernels serve: tinygemm on CUDA takes bf16 only; the CPU kernel takes fp32 and fp16
 # too but runs them tens of times slower than bf16, far behind the simulated path, so those stay there
@@ -133,4 +140,14 @@ def int8_gemm(
     ``x.dtype``."""
     codes, scale = fused.per_token_int8_codes(x.reshape(-1, x.shape[-1]), bits, symmetric)
     out = fused.scale_accumulated(torch._int_mm(codes, weight_codes.t()), scale, weight_scale, x.dtype)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def amx_int8_gemm(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero: torch.Tensor | None,
+                  group_size: int, a_bits: int, a_symmetric: bool, bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A4 on AMX tiles: per-token activation codes times the packed 4-bit weight (centred by ``zero``, or by 8
+    where symmetric), each group's int32 sums scaled by ``weight_scale`` (float32 [out, groups]) and accumulated
+    in float32, then scaled per token; ``bias`` added in float32; returns ``x.dtype``."""
+    codes, scale = fused.per_token_int8_codes(x.reshape(-1, x.shape[-1]), a_bits, a_symmetric)
+    out = fused.amx_int8_gemm(codes, scale, packed, weight_scale, zero, group_size, bias, x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

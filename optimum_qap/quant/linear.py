@@ -120,10 +120,13 @@ class QuantLinear(nn.Module):
         # the integer GEMM fits; matmul_path adds the per-call conditions (device, dtype, tokens)
         self._int4_group = (kernels.int4_kernel_group_size(in_features, self.weight_group_size, out_features)
                             if spec.packs_weight and spec.w_bits == 4 else None)
-        self._int8_fits = (spec.packs_weight and self.weight_group_size is None
-                           and in_features % 8 == 0 and out_features % 8 == 0
-                           and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits,
-                                                           spec.a_granularity, spec.a_symmetric))
+        codes_fit_int8 = spec.packs_weight and kernels.int8_gemm_supported(
+            spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_granularity, spec.a_symmetric)
+        self._int8_fits = (codes_fit_int8 and self.weight_group_size is None
+                           and in_features % 8 == 0 and out_features % 8 == 0)
+        # the AMX GEMM's weight group size (in_features for per-channel scales); the kernel's shape rules are
+        # checked at the first CPU call (`fused.amx_serves`)
+        self._amx_group = (self.weight_group_size or in_features) if codes_fit_int8 and spec.w_bits == 4 else None
         # (path, device, dtype) -> (fingerprint of the saved buffers it was derived from, kernel-format tensors)
         self._kernel_cache: dict[tuple, tuple] = {}
         if spec.packs_weight:
@@ -284,12 +287,16 @@ class QuantLinear(nn.Module):
         self._checked_calibration = False
 
     def matmul_path(self, x: torch.Tensor) -> str:
-        """The path a call with input ``x`` takes: "int4_weight_only", "int8_gemm" or "simulated" (dequantize the
-        weight, fake-quantize the input, dense matmul). See `optimum_qap.quant.kernels`."""
+        """The path a call with input ``x`` takes: "amx_int8_gemm", "int4_weight_only", "int8_gemm" or "simulated"
+        (dequantize the weight, fake-quantize the input, dense matmul). See `optimum_qap.quant.kernels`."""
         if self.kernels == "simulated" or self._cache_weight or needs_gradient(x):
             return "simulated"
         device = x.device.type
         tokens = x.numel() // self.in_features
+        if (self._amx_group and tokens >= kernels.AMX_MIN_TOKENS.get(device, float("inf"))
+                and x.dtype in kernels.AMX_DTYPES and fused.serves(x)
+                and fused.amx_serves(self.in_features, self.out_features, self._amx_group)):
+            return "amx_int8_gemm"
         if self._int8_fits and tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")):
             return "int8_gemm"
         if (self._int4_group and tokens <= kernels.INT4_MAX_TOKENS.get(device, 0)
@@ -314,6 +321,8 @@ class QuantLinear(nn.Module):
         return entry[1]
 
     def _repack(self, path: str, dtype: torch.dtype) -> tuple:
+        if path == "amx_int8_gemm":
+            return (self.weight_scale.float().contiguous(),)
         codes = unpack_codes(self.weight_packed, self.spec.w_bits, self.in_features)
         zero = self.weight_zero if not self.spec.w_symmetric else None
         if path == "int8_gemm":
@@ -328,6 +337,11 @@ class QuantLinear(nn.Module):
             self.observe(x)
             return nn.functional.linear(x, self._weight_for_matmul(x.dtype), self.bias)
         path = self.matmul_path(x)
+        if path == "amx_int8_gemm":
+            (weight_scale,) = self._kernel_tensors(path, x.device, x.dtype)
+            zero = self.weight_zero if not self.spec.w_symmetric else None
+            return kernels.amx_int8_gemm(x, self.weight_packed, weight_scale, zero, self._amx_group,
+                                         self.spec.a_bits, self.spec.a_symmetric, self.bias)
         if path == "int8_gemm":
             weight_codes, weight_scale = self._kernel_tensors(path, x.device, x.dtype)
             out = kernels.int8_gemm(x, weight_codes, weight_scale, self.spec.a_bits, self.spec.a_symmetric)
@@ -360,8 +374,9 @@ class QuantLinear(nn.Module):
 
     def kernel_tensor_bytes(self) -> int:
         """Bytes held by kernel-format weight copies (repacked at first use of a fast path; never saved)."""
+        saved = {t.data_ptr() for t in self.buffers()}  # a float32 layer's AMX scales are its own buffer
         return sum(t.numel() * t.element_size() for _, tensors in self._kernel_cache.values()
-                   for t in tensors if isinstance(t, torch.Tensor))
+                   for t in tensors if isinstance(t, torch.Tensor) and t.data_ptr() not in saved)
 
     def extra_repr(self) -> str:
         s = self.spec

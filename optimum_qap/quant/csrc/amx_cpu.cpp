@@ -1,0 +1,352 @@
+// W4A4 as an integer GEMM on Intel AMX tiles, for group-wise (and per-channel) 4-bit weights and dynamic
+// per-token activations: the prefill path of optimum_qap/quant/kernels.py ("amx_int8_gemm").
+//
+//   out[m, n] = a_scale[m] * sum_g w_scale[n, g] * sum_{k in g} a_code[m, k] * (w_code[n, k] - w_zero[n, g]) + bias[n]
+//
+// Activation codes arrive centred (int8, from int8_codes_rows); weight codes are centred here from the packed
+// nibbles the layer stores (no copy of the weight is kept). Each group's dot products accumulate exactly in int32
+// on the tiles; the per-group scaling runs in float32 on the vector units. Roles are swapped (C^T = W . A^T) so
+// that weight rows load as tiles as they lie in memory and only the activations need the tiles' 4-byte interleave.
+//
+// Blocking, measured on one Sapphire Rapids core (benchmarks/amx_gemm.py): the activations of up to 640 tokens
+// over 1024 input channels stay in L2 while 8 blocks of 32 weight rows are centred and multiplied against them.
+// Compiled only where the compiler targets AMX (-march=native on such a CPU); elsewhere amx_available() is false.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
+    defined(__AVX512FP16__) && defined(__linux__)
+#define QAP_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+namespace {
+
+#ifdef QAP_AMX
+
+constexpr int64_t K_BLOCK = 1024;          // input channels per pass over the activations
+constexpr int64_t TOKEN_CHUNK = 640;       // tokens whose packed activations stay in L2
+constexpr int64_t ROW_BLOCKS_PER_TASK = 8;  // blocks of 32 weight rows sharing one pass over the activations
+constexpr int64_t STEP = 64;               // input channels per tile product (64 int8 per tile row)
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// all eight tiles 16 rows x 64 bytes: C (int32 16x16), weight rows (16 x 64 int8), activations (16 x 16 x 4 int8)
+void configure_tiles() {
+  TileConfig config;
+  std::memset(&config, 0, sizeof config);
+  config.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = 16;
+  }
+  _tile_loadconfig(&config);
+}
+
+// Linux hands a process the AMX register state only on request (ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA)
+bool tiles_granted() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return granted;
+}
+
+// 16x16 transpose of 32-bit words held in 16 registers
+inline void transpose_words(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_i32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// activation codes of 16 tokens x 64 channels as one B tile: row r holds channels 4r..4r+3 of each token
+inline void pack_activation_tile(const int8_t* codes, int64_t K, int64_t tokens, int64_t step, uint32_t* tile) {
+  __m512i r[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    r[i] = i < tokens ? _mm512_loadu_si512(codes + i * K + STEP * step) : _mm512_setzero_si512();
+  }
+  transpose_words(r);
+  for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 16 * i, r[i]);
+}
+
+// weight codes minus their zero point (8 for symmetric 4-bit) as int8 A tiles: for each of the 32 rows from
+// `row`, the channels [k0, k0 + steps * 64), 64 per tile row; tile (h, s) holds rows 16h.. of step s
+inline void centre_weight_rows(const uint8_t* packed, const uint8_t* zero, int64_t K, int64_t groups,
+                               int64_t group_size, int64_t row, int64_t k0, int64_t steps, int8_t* tiles) {
+  const __m512i low = _mm512_set1_epi16(0x0F), high = _mm512_set1_epi16(0xF0);
+  for (int64_t i = 0; i < 32; ++i) {
+    const int64_t n = row + i;
+    const uint8_t* bytes = packed + n * (K / 2);
+    int8_t* target = tiles + (i / 16) * steps * 1024 + (i % 16) * 64;
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t k = k0 + STEP * s;
+      const int8_t center = zero ? static_cast<int8_t>(zero[n * groups + k / group_size]) : 8;
+      // byte b = odd << 4 | even: widen to 16 bits, move the odd nibble to the high byte: the codes in order
+      const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k / 2)));
+      const __m512i codes = _mm512_or_si512(_mm512_and_si512(wide, low), _mm512_slli_epi16(_mm512_and_si512(wide, high), 4));
+      _mm512_storeu_si512(target + s * 1024, _mm512_sub_epi8(codes, _mm512_set1_epi8(center)));
+    }
+  }
+}
+
+inline void store_row(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
+inline void store_row(at::BFloat16* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+inline void store_row(at::Half* out, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// a finished C^T tile (16 weight rows x 16 tokens, float32) as out[token, n0:n0+16] = tile^T * a_scale + bias
+template <typename out_t>
+void write_output_tile(const float* tile, const float* a_scale, const float* bias, out_t* out, int64_t N,
+                       int64_t n0, int64_t tokens) {
+  __m512i r[16];
+  for (int64_t i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(tile + 16 * i);
+  transpose_words(r);
+  const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
+  for (int64_t j = 0; j < std::min<int64_t>(tokens, 16); ++j) {
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), _mm512_set1_ps(a_scale[j])), b);
+    store_row(out + j * N + n0, v);
+  }
+}
+
+struct Problem {
+  const int8_t* a_codes;  // [M, K]
+  const float* a_scale;   // [M]
+  const uint8_t* packed;  // [N, K / 2]
+  const float* w_scale;   // [N, groups]
+  const uint8_t* zero;    // [N, groups] or null
+  const float* bias;      // [N] or null
+  int64_t M, N, K, groups, group_size;
+};
+
+// scratch of one worker thread, kept between calls (a fresh buffer per call page-faults it in again)
+struct WorkerScratch {
+  std::vector<int8_t> weight_tiles;
+  std::vector<float> accumulators;
+  alignas(64) int32_t partial[8][256];
+};
+
+WorkerScratch& worker_scratch() {
+  static thread_local WorkerScratch scratch;
+  return scratch;
+}
+
+// out^T for 32 weight rows x 32 tokens, over channels [k0, k0 + steps * 64): tile products per group into C,
+// each group's int32 sums scaled into the float32 accumulators `c` (4 tiles of 16x16) while the next group runs
+void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const uint32_t* b0, const uint32_t* b1,
+                    int64_t row, int64_t k0, int64_t steps, float* const c[4], int32_t (*partial)[256]) {
+  const int64_t group_steps = p.group_size / STEP;
+  const int64_t run = std::min(group_steps, steps);
+  int64_t pending = -1;
+  auto scale_pending = [&]() {
+    const int32_t (*sums)[256] = partial + 4 * (pending & 1);
+    for (int h = 0; h < 2; ++h) {
+      for (int i = 0; i < 16; ++i) {
+        const __m512 s = _mm512_set1_ps(p.w_scale[(row + 16 * h + i) * p.groups + pending]);
+        for (int j = 0; j < 2; ++j) {
+          float* acc = c[2 * h + j] + 16 * i;
+          const __m512 sum = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * h + j] + 16 * i));
+          _mm512_storeu_ps(acc, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(acc)));
+        }
+      }
+    }
+  };
+  for (int64_t start = 0; start < steps; start += run) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t s = start; s < std::min(start + run, steps); ++s) {
+      _tile_loadd(4, a0 + s * 1024, 64);
+      _tile_loadd(5, a1 + s * 1024, 64);
+      _tile_loadd(6, b0 + s * 256, 64);
+      _tile_loadd(7, b1 + s * 256, 64);
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+    if (pending >= 0) scale_pending();
+    pending = (k0 / STEP + start) / group_steps;
+    int32_t (*slot)[256] = partial + 4 * (pending & 1);
+    _tile_stored(0, slot[0], 64);
+    _tile_stored(1, slot[1], 64);
+    _tile_stored(2, slot[2], 64);
+    _tile_stored(3, slot[3], 64);
+  }
+  scale_pending();
+}
+
+// one chunk of tokens [m0, m0 + tokens) against the weight rows [32 * first_block, 32 * last_block)
+template <typename out_t>
+void multiply_chunk(const Problem& p, const uint32_t* packed_activations, int64_t m0, int64_t tokens,
+                    int64_t first_block, int64_t last_block, out_t* out) {
+  WorkerScratch& scratch = worker_scratch();
+  const int64_t padded = (tokens + 31) / 32 * 32, token_tiles = padded / 16, k_steps = p.K / STEP;
+  const int64_t blocks = last_block - first_block;
+  const size_t tile_bytes = static_cast<size_t>(blocks) * 2 * (K_BLOCK / STEP) * 1024;
+  const size_t accumulator_floats = static_cast<size_t>(blocks) * 2 * token_tiles * 256;
+  if (scratch.weight_tiles.size() < tile_bytes) scratch.weight_tiles.resize(tile_bytes);
+  if (scratch.accumulators.size() < accumulator_floats) scratch.accumulators.resize(accumulator_floats);
+  for (int64_t k0 = 0; k0 < p.K; k0 += K_BLOCK) {
+    const int64_t steps = std::min(K_BLOCK, p.K - k0) / STEP;
+    for (int64_t b = 0; b < blocks; ++b) {
+      centre_weight_rows(p.packed, p.zero, p.K, p.groups, p.group_size, 32 * (first_block + b), k0, steps,
+                         scratch.weight_tiles.data() + b * 2 * steps * 1024);
+    }
+    for (int64_t pair = 0; pair < padded / 32; ++pair) {
+      const uint32_t* b0 = packed_activations + ((2 * pair) * k_steps + k0 / STEP) * 256;
+      const uint32_t* b1 = packed_activations + ((2 * pair + 1) * k_steps + k0 / STEP) * 256;
+      for (int64_t b = 0; b < blocks; ++b) {
+        float* c[4];
+        for (int h = 0; h < 2; ++h) {
+          for (int j = 0; j < 2; ++j) {
+            c[2 * h + j] = scratch.accumulators.data() + ((2 * b + h) * token_tiles + 2 * pair + j) * 256;
+            if (k0 == 0) std::memset(c[2 * h + j], 0, 1024);
+          }
+        }
+        const int8_t* a0 = scratch.weight_tiles.data() + b * 2 * steps * 1024;
+        const int64_t row = 32 * (first_block + b);
+        multiply_block(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+        if (k0 + steps * STEP < p.K) continue;
+        for (int h = 0; h < 2; ++h) {
+          for (int j = 0; j < 2; ++j) {
+            const int64_t first_token = 32 * pair + 16 * j;
+            if (first_token >= tokens) continue;
+            write_output_tile(c[2 * h + j], p.a_scale + m0 + first_token, p.bias, out + (m0 + first_token) * p.N,
+                              p.N, row + 16 * h, tokens - first_token);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename out_t>
+void amx_multiply(const Problem& p, out_t* out) {
+  const int64_t chunks = (p.M + TOKEN_CHUNK - 1) / TOKEN_CHUNK;
+  const int64_t chunk = ((p.M + chunks - 1) / chunks + 31) / 32 * 32;
+  const int64_t k_steps = p.K / STEP, row_blocks = p.N / 32;
+  // the calling thread's packed activations, read by every worker
+  static thread_local std::vector<uint32_t> packed_activations;
+  const size_t words = static_cast<size_t>(chunk / 16) * k_steps * 256;
+  if (packed_activations.size() < words) packed_activations.resize(words);
+  uint32_t* packed = packed_activations.data();
+  for (int64_t m0 = 0; m0 < p.M; m0 += chunk) {
+    const int64_t tokens = std::min(chunk, p.M - m0), token_tiles = (tokens + 31) / 32 * 2;
+    at::parallel_for(0, token_tiles * k_steps, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t tile = t / k_steps, step = t % k_steps;
+        const int64_t rows = std::max<int64_t>(0, std::min<int64_t>(16, tokens - 16 * tile));
+        pack_activation_tile(p.a_codes + (m0 + std::min(16 * tile, tokens)) * p.K, p.K, rows, step, packed + t * 256);
+      }
+    });
+    const int64_t tasks = (row_blocks + ROW_BLOCKS_PER_TASK - 1) / ROW_BLOCKS_PER_TASK;
+    at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+      configure_tiles();
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t first = task * ROW_BLOCKS_PER_TASK;
+        multiply_chunk(p, packed, m0, tokens, first, std::min(row_blocks, first + ROW_BLOCKS_PER_TASK), out);
+      }
+      _tile_release();
+    });
+  }
+}
+
+#endif  // QAP_AMX
+
+bool amx_available() {
+#ifdef QAP_AMX
+  return tiles_granted();
+#else
+  return false;
+#endif
+}
+
+// whether amx_int8_gemm serves this layout (callers fall back to another path otherwise)
+bool amx_serves(int64_t in_features, int64_t out_features, int64_t group_size) {
+#ifdef QAP_AMX
+  const bool groups_fit = group_size == in_features ||
+                          (in_features % group_size == 0 && (K_BLOCK % group_size == 0 || group_size % K_BLOCK == 0));
+  return in_features % STEP == 0 && out_features % 32 == 0 && group_size % STEP == 0 && groups_fit;
+#else
+  return false;
+#endif
+}
+
+at::Tensor amx_int8_gemm(const at::Tensor& a_codes, const at::Tensor& a_scale, const at::Tensor& packed,
+                         const at::Tensor& w_scale, const c10::optional<at::Tensor>& zero, int64_t group_size,
+                         const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
+  TORCH_CHECK(amx_available(), "amx_int8_gemm needs AMX tiles (see optimum_qap.quant.fused.amx_available)");
+  TORCH_CHECK(a_codes.scalar_type() == at::kChar && a_codes.dim() == 2, "activation codes must be int8 [tokens, in]");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "weights must be packed uint8 [out, in / 2]");
+  const int64_t M = a_codes.size(0), K = a_codes.size(1), N = packed.size(0), groups = w_scale.size(1);
+  TORCH_CHECK(packed.size(1) * 2 == K, "packed weights hold ", packed.size(1) * 2, " codes per row, expected ", K);
+  TORCH_CHECK(amx_serves(K, N, group_size), "amx_int8_gemm does not serve in=", K, " out=", N, " group=", group_size);
+  TORCH_CHECK(groups * group_size == K && w_scale.size(0) == N, "weight scales [", w_scale.size(0), ", ", groups,
+              "] do not match ", N, " rows of ", K / group_size, " groups");
+  TORCH_CHECK(!zero.has_value() || (zero->scalar_type() == at::kByte && zero->sizes() == w_scale.sizes()),
+              "zero points must be uint8 shaped like the scales");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf, "unsupported output dtype");
+  at::Tensor out = at::empty({M, N}, a_codes.options().dtype(dtype));
+  if (M == 0) return out;
+#ifdef QAP_AMX
+  const at::Tensor codes = a_codes.contiguous(), weights = packed.contiguous();
+  const at::Tensor row_scale = a_scale.to(at::kFloat).contiguous(), scales = w_scale.to(at::kFloat).contiguous();
+  const at::Tensor zeros = zero.has_value() ? zero->contiguous() : at::Tensor();
+  const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  TORCH_CHECK(row_scale.numel() == M, "expected one activation scale per token");
+  TORCH_CHECK(!bias.has_value() || bias_f.numel() == N, "expected one bias per output");
+  const Problem problem{codes.const_data_ptr<int8_t>(), row_scale.const_data_ptr<float>(),
+                        weights.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
+                        zero.has_value() ? zeros.const_data_ptr<uint8_t>() : nullptr,
+                        bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, M, N, K, groups, group_size};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "amx_int8_gemm", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) amx_multiply(problem, out.mutable_data_ptr<scalar_t>());
+  });
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(optimum_qap, m) {
+  m.def("amx_available() -> bool", &amx_available);
+  m.def("amx_serves(int in_features, int out_features, int group_size) -> bool", &amx_serves);
+  m.def("amx_int8_gemm(Tensor a_codes, Tensor a_scale, Tensor packed, Tensor w_scale, Tensor? zero, int group_size, "
+        "Tensor? bias, ScalarType dtype) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(optimum_qap, CPU, m) { m.impl("amx_int8_gemm", &amx_int8_gemm); }
