@@ -8,7 +8,7 @@
 // on the tiles; the per-group scaling runs in float32 on the vector units. Roles are swapped (C^T = W . A^T) so
 // that weight rows load as tiles as they lie in memory and only the activations need the tiles' 4-byte interleave.
 //
-// Blocking, measured on one Sapphire Rapids core (benchmarks/amx_gemm.py): the activations of up to 640 tokens
+// Blocking, measured on one Sapphire Rapids core (benchmarks/crossover.py, benchmarks/linear.py): the activations of up to 640 tokens
 // over 1024 input channels stay in L2 while 8 blocks of 32 weight rows are centred and multiplied against them.
 // Compiled only where the compiler targets AMX (-march=native on such a CPU); elsewhere amx_available() is false.
 #include <ATen/ATen.h>
@@ -104,17 +104,23 @@ inline void pack_activation_tile(const int8_t* codes, int64_t K, int64_t tokens,
 inline void centre_weight_rows(const uint8_t* packed, const uint8_t* zero, int64_t K, int64_t groups,
                                int64_t group_size, int64_t row, int64_t k0, int64_t steps, int8_t* tiles) {
   const __m512i low = _mm512_set1_epi16(0x0F), high = _mm512_set1_epi16(0xF0);
+  const int64_t group_steps = group_size / STEP, first_group = k0 / group_size;
   for (int64_t i = 0; i < 32; ++i) {
     const int64_t n = row + i;
-    const uint8_t* bytes = packed + n * (K / 2);
+    const uint8_t* bytes = packed + n * (K / 2) + k0 / 2;
     int8_t* target = tiles + (i / 16) * steps * 1024 + (i % 16) * 64;
-    for (int64_t s = 0; s < steps; ++s) {
-      const int64_t k = k0 + STEP * s;
-      const int8_t center = zero ? static_cast<int8_t>(zero[n * groups + k / group_size]) : 8;
+    // the group index advances by counting (an integer division per 64 weights costs more than the rest)
+    int64_t group = first_group, left = group_steps - (k0 / STEP) % group_steps;
+    __m512i center = _mm512_set1_epi8(zero ? static_cast<char>(zero[n * groups + group]) : 8);
+    for (int64_t s = 0; s < steps; ++s, --left) {
+      if (left == 0) {
+        left = group_steps;
+        center = _mm512_set1_epi8(zero ? static_cast<char>(zero[n * groups + ++group]) : 8);
+      }
       // byte b = odd << 4 | even: widen to 16 bits, move the odd nibble to the high byte: the codes in order
-      const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + k / 2)));
+      const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * s)));
       const __m512i codes = _mm512_or_si512(_mm512_and_si512(wide, low), _mm512_slli_epi16(_mm512_and_si512(wide, high), 4));
-      _mm512_storeu_si512(target + s * 1024, _mm512_sub_epi8(codes, _mm512_set1_epi8(center)));
+      _mm512_storeu_si512(target + s * 1024, _mm512_sub_epi8(codes, center));
     }
   }
 }
@@ -169,7 +175,8 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
                     int64_t row, int64_t k0, int64_t steps, float* const c[4], int32_t (*partial)[256]) {
   const int64_t group_steps = p.group_size / STEP;
   const int64_t run = std::min(group_steps, steps);
-  int64_t pending = -1;
+  // a run of steps is one whole group, or all steps of a block inside a wider group
+  int64_t group = k0 / p.group_size, pending = -1;
   auto scale_pending = [&]() {
     const int32_t (*sums)[256] = partial + 4 * (pending & 1);
     for (int h = 0; h < 2; ++h) {
@@ -199,7 +206,7 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
       _tile_dpbssd(3, 5, 7);
     }
     if (pending >= 0) scale_pending();
-    pending = (k0 / STEP + start) / group_steps;
+    pending = group++;
     int32_t (*slot)[256] = partial + 4 * (pending & 1);
     _tile_stored(0, slot[0], 64);
     _tile_stored(1, slot[1], 64);
