@@ -146,11 +146,16 @@ def test_path_choice_by_tokens(amx, group_size, monkeypatch):
         assert module.matmul_path(torch.zeros(tokens, module.in_features, dtype=torch.bfloat16)) == expected
 
 
+@pytest.mark.parametrize("amx", [False] + [True] * AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cpu_int4_kernel_serves_bf16_only(dtype):
-    """PyTorch's CPU int4 kernel runs fp32 / fp16 inputs far slower than the simulated path: they stay there."""
+def test_cpu_int4_kernel_serves_bf16_only(dtype, amx, monkeypatch):
+    """PyTorch's CPU int4 kernel runs fp32 / fp16 inputs far slower than the simulated path: they stay there, or
+    take the AMX GEMM from one token where it runs (it does not depend on the dtype)."""
+    if not amx:
+        monkeypatch.setattr(fused, "amx_serves", lambda *shape: False)
     module = layer(QuantSpec(), dtype, "cpu")
-    assert module.matmul_path(torch.zeros(1, module.in_features, dtype=dtype)) == "simulated"
+    expected = "amx_int8_gemm" if amx else "simulated"
+    assert module.matmul_path(torch.zeros(1, module.in_features, dtype=dtype)) == expected
 
 
 def test_layouts_the_kernels_cannot_serve_stay_simulated():

@@ -1,5 +1,6 @@
 """Fused CPU operations: the element-wise W4A4 steps as single compiled passes, bit for bit equal to the eager
-PyTorch code in `functional` and `kernels` (``csrc/fused_cpu.cpp``; tests/test_fused.py compares them).
+PyTorch code in `functional` and `kernels` (``csrc/fused_cpu.cpp``; tests/test_fused.py compares them), and the
+AMX integer GEMM for 4-bit weights (``csrc/amx_cpu.cpp``; tests/test_amx.py), built with them.
 
 Eager, those steps are ~20 dispatched operations per call: at decode about 24 us beside a 4096x4096 int4 kernel
 call of about 0.8 ms, enough to fall behind torchao's weight-only layer; over long prompts each is a pass over the

@@ -293,14 +293,16 @@ class QuantLinear(nn.Module):
             return "simulated"
         device = x.device.type
         tokens = x.numel() // self.in_features
-        if (self._amx_group and tokens >= kernels.AMX_MIN_TOKENS.get(device, float("inf"))
+        int4_serves = self._int4_group and x.dtype in kernels.INT4_DTYPES.get(device, ())
+        # below AMX_MIN_TOKENS the int4 kernel is faster where it serves the call; fp32 / fp16 it does not serve
+        amx_min = kernels.AMX_MIN_TOKENS.get(device, float("inf")) if int4_serves else 1
+        if (self._amx_group and tokens >= amx_min and device in kernels.AMX_MIN_TOKENS
                 and x.dtype in kernels.AMX_DTYPES and fused.serves(x)
                 and fused.amx_serves(self.in_features, self.out_features, self._amx_group)):
             return "amx_int8_gemm"
         if self._int8_fits and tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")):
             return "int8_gemm"
-        if (self._int4_group and tokens <= kernels.INT4_MAX_TOKENS.get(device, 0)
-                and x.dtype in kernels.INT4_DTYPES.get(device, ())):
+        if int4_serves and tokens <= kernels.INT4_MAX_TOKENS.get(device, 0):
             return "int4_weight_only"
         return "simulated"
 
