@@ -22,7 +22,7 @@
 #include <vector>
 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__AVX512BW__) && defined(__AVX512BF16__) && \
-    defined(__AVX512FP16__) && defined(__linux__)
+    defined(__linux__)
 #define QAP_AMX 1
 #include <immintrin.h>
 #include <sys/syscall.h>
@@ -169,8 +169,11 @@ WorkerScratch& worker_scratch() {
   return scratch;
 }
 
-// out^T for 32 weight rows x 32 tokens, over channels [k0, k0 + steps * 64): tile products per group into C,
-// each group's int32 sums scaled into the float32 accumulators `c` (4 tiles of 16x16) while the next group runs
+// out^T for 32 weight rows x 16 * token_tiles tokens (1 or 2 tiles), over channels [k0, k0 + steps * 64): tile
+// products per group into C, each group's int32 sums scaled into the float32 accumulators `c` (tile 2h + j: rows
+// 16h.., tokens 16j..) while the next group runs. One token tile (a call's last 16 or fewer tokens) skips the
+// second half's products; every output sums its groups in the same order either way.
+template <int token_tiles>
 void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const uint32_t* b0, const uint32_t* b1,
                     int64_t row, int64_t k0, int64_t steps, float* const c[4], int32_t (*partial)[256]) {
   const int64_t group_steps = p.group_size / STEP;
@@ -182,7 +185,7 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
     for (int h = 0; h < 2; ++h) {
       for (int i = 0; i < 16; ++i) {
         const __m512 s = _mm512_set1_ps(p.w_scale[(row + 16 * h + i) * p.groups + pending]);
-        for (int j = 0; j < 2; ++j) {
+        for (int j = 0; j < token_tiles; ++j) {
           float* acc = c[2 * h + j] + 16 * i;
           const __m512 sum = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * h + j] + 16 * i));
           _mm512_storeu_ps(acc, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(acc)));
@@ -192,26 +195,32 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
   };
   for (int64_t start = 0; start < steps; start += run) {
     _tile_zero(0);
-    _tile_zero(1);
     _tile_zero(2);
-    _tile_zero(3);
+    if constexpr (token_tiles == 2) {
+      _tile_zero(1);
+      _tile_zero(3);
+    }
     for (int64_t s = start; s < std::min(start + run, steps); ++s) {
       _tile_loadd(4, a0 + s * 1024, 64);
       _tile_loadd(5, a1 + s * 1024, 64);
       _tile_loadd(6, b0 + s * 256, 64);
-      _tile_loadd(7, b1 + s * 256, 64);
       _tile_dpbssd(0, 4, 6);
-      _tile_dpbssd(1, 4, 7);
       _tile_dpbssd(2, 5, 6);
-      _tile_dpbssd(3, 5, 7);
+      if constexpr (token_tiles == 2) {
+        _tile_loadd(7, b1 + s * 256, 64);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(3, 5, 7);
+      }
     }
     if (pending >= 0) scale_pending();
     pending = group++;
     int32_t (*slot)[256] = partial + 4 * (pending & 1);
     _tile_stored(0, slot[0], 64);
-    _tile_stored(1, slot[1], 64);
     _tile_stored(2, slot[2], 64);
-    _tile_stored(3, slot[3], 64);
+    if constexpr (token_tiles == 2) {
+      _tile_stored(1, slot[1], 64);
+      _tile_stored(3, slot[3], 64);
+    }
   }
   scale_pending();
 }
@@ -246,7 +255,11 @@ void multiply_chunk(const Problem& p, const uint32_t* packed_activations, int64_
         }
         const int8_t* a0 = scratch.weight_tiles.data() + b * 2 * steps * 1024;
         const int64_t row = 32 * (first_block + b);
-        multiply_block(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+        if (tokens - 32 * pair > 16) {
+          multiply_block<2>(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+        } else {
+          multiply_block<1>(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+        }
         if (k0 + steps * STEP < p.K) continue;
         for (int h = 0; h < 2; ++h) {
           for (int j = 0; j < 2; ++j) {
