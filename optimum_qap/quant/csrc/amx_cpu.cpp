@@ -293,12 +293,14 @@ void amx_multiply(const Problem& p, out_t* out) {
         pack_activation_tile(p.a_codes + (m0 + std::min(16 * tile, tokens)) * p.K, p.K, rows, step, packed + t * 256);
       }
     });
-    const int64_t tasks = (row_blocks + ROW_BLOCKS_PER_TASK - 1) / ROW_BLOCKS_PER_TASK;
+    // fewer row blocks per task where there are more threads than tasks (outputs do not depend on the split)
+    const int64_t per_task = std::clamp<int64_t>(row_blocks / at::get_num_threads(), 1, ROW_BLOCKS_PER_TASK);
+    const int64_t tasks = (row_blocks + per_task - 1) / per_task;
     at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
       configure_tiles();
       for (int64_t task = begin; task < end; ++task) {
-        const int64_t first = task * ROW_BLOCKS_PER_TASK;
-        multiply_chunk(p, packed, m0, tokens, first, std::min(row_blocks, first + ROW_BLOCKS_PER_TASK), out);
+        const int64_t first = task * per_task;
+        multiply_chunk(p, packed, m0, tokens, first, std::min(row_blocks, first + per_task), out);
       }
       _tile_release();
     });
