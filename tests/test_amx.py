@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import torch
-from test_kernels import assert_within, int8_bound, layer, simulated, unit_roundoff
+from test_kernels import assert_within, exact_operands, int8_bound, layer, simulated, unit_roundoff
 from torch import nn
 
 from optimum_qap.quant import functional as qf
@@ -52,7 +52,7 @@ CASES = [(*shape, group) for shape in SHAPES for group in (64, 128, shape[1]) if
 def test_kernel_equals_float64_within_float32_rounding(tokens, in_features, out_features, group_size, w_symmetric):
     codes, scale, weight, bias = problem(tokens, in_features, out_features, group_size, w_symmetric)
     out = fused.amx_int8_gemm(codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero,
-                              group_size, bias, torch.float32)
+                              group_size, in_features, bias, torch.float32)
     exact, magnitude = exact_product(codes, scale, weight, group_size, bias)
     # each group's int32 sum is exact; scaling and adding it rounds once (fused multiply-add), then the token scale
     # and the bias round once each
@@ -64,7 +64,7 @@ def test_kernel_equals_float64_within_float32_rounding(tokens, in_features, out_
 def test_kernel_blocks_channels_that_span_groups_wider_than_a_block():
     codes, scale, weight, bias = problem(40, 4096, 64, 2048, False)
     out = fused.amx_int8_gemm(codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero, 2048,
-                              None, torch.float32)
+                              4096, None, torch.float32)
     exact, magnitude = exact_product(codes, scale, weight, 2048, torch.zeros(64))
     assert ((out.double() - exact).abs() <= 5 * unit_roundoff(torch.float32) * magnitude).all()
 
@@ -72,7 +72,7 @@ def test_kernel_blocks_channels_that_span_groups_wider_than_a_block():
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_output_dtypes_round_the_float32_result_once(dtype):
     codes, scale, weight, bias = problem(50, 1024, 96, 128, False)
-    args = (codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero, 128, bias)
+    args = (codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero, 128, 1024, bias)
     wide = fused.amx_int8_gemm(*args, torch.float32)
     torch.testing.assert_close(fused.amx_int8_gemm(*args, dtype), wide.to(dtype), rtol=0, atol=0)
 
@@ -80,7 +80,7 @@ def test_output_dtypes_round_the_float32_result_once(dtype):
 def test_rows_do_not_depend_on_the_batch_or_the_threads():
     """Each output sums its groups in one fixed order, whatever the chunking, tiling and thread split."""
     codes, scale, weight, bias = problem(700, 1088, 288, 64, False)
-    args = (pack_codes(weight.codes, 4), weight.scale.float(), weight.zero, 64, bias, torch.bfloat16)
+    args = (pack_codes(weight.codes, 4), weight.scale.float(), weight.zero, 64, 1088, bias, torch.bfloat16)
     threads = torch.get_num_threads()
     try:
         outputs = []
@@ -101,7 +101,7 @@ def test_concurrent_calls_from_several_threads_equal_sequential_ones():
 
     def call(i: int) -> torch.Tensor:
         codes, scale, weight, bias = problems[i]
-        return fused.amx_int8_gemm(codes, scale, packed[i], weight.scale.float(), weight.zero, 128, bias,
+        return fused.amx_int8_gemm(codes, scale, packed[i], weight.scale.float(), weight.zero, 128, 1024, bias,
                                    torch.bfloat16)
 
     expected = [call(i) for i in range(len(problems))]
@@ -123,25 +123,52 @@ def test_kernel_names_bad_input():
     codes, scale, weight, bias = problem(4, 128, 32, 64, False)
     packed, scales = pack_codes(weight.codes, 4), weight.scale.float()
     with pytest.raises(RuntimeError, match="int8"):
-        fused.amx_int8_gemm(codes.float(), scale, packed, scales, weight.zero, 64, None, torch.float32)
+        fused.amx_int8_gemm(codes.float(), scale, packed, scales, weight.zero, 64, 128, None, torch.float32)
     with pytest.raises(RuntimeError, match="does not serve"):
-        fused.amx_int8_gemm(codes[:, :96], scale, packed[:, :48], scales, weight.zero, 64, None, torch.float32)
+        fused.amx_int8_gemm(codes[:, :96], scale, packed[:, :48], scales, weight.zero, 64, 96, None, torch.float32)
     with pytest.raises(RuntimeError, match="groups"):
-        fused.amx_int8_gemm(codes, scale, packed, scales[:, :1], weight.zero, 64, None, torch.float32)
+        fused.amx_int8_gemm(codes, scale, packed, scales[:, :1], weight.zero, 64, 128, None, torch.float32)
     with pytest.raises(RuntimeError, match="zero points"):
-        fused.amx_int8_gemm(codes, scale, packed, scales, weight.zero[:, :1], 64, None, torch.float32)
+        fused.amx_int8_gemm(codes, scale, packed, scales, weight.zero[:, :1], 64, 128, None, torch.float32)
     with pytest.raises(RuntimeError, match="output dtype"):
-        fused.amx_int8_gemm(codes, scale, packed, scales, weight.zero, 64, None, torch.float64)
+        fused.amx_int8_gemm(codes, scale, packed, scales, weight.zero, 64, 128, None, torch.float64)
+    with pytest.raises(RuntimeError, match="2 activation scales per token"):
+        fused.amx_int8_gemm(codes, scale, packed, scales, weight.zero, 64, 64, None, torch.float32)
 
 
 def test_shape_rules():
-    assert fused.amx_serves(4096, 11008, 128) and fused.amx_serves(11008, 4096, 11008)
-    assert fused.amx_serves(4096, 4096, 2048) and fused.amx_serves(1088, 32, 64)
-    assert not fused.amx_serves(4096, 4096, 32)  # groups narrower than one tile row of 64 channels
-    assert not fused.amx_serves(4096, 48, 128)  # outputs not a multiple of 32
-    assert not fused.amx_serves(96, 32, 96)  # channels not a multiple of 64
-    assert not fused.amx_serves(4096, 4096, 1536)  # groups that straddle the 1024-channel blocks
-    assert not fused.amx_serves(1088, 32, 128)  # a ragged last group
+    assert fused.amx_serves(4096, 11008, 128, 4096) and fused.amx_serves(11008, 4096, 11008, 11008)
+    assert fused.amx_serves(4096, 4096, 2048, 4096) and fused.amx_serves(1088, 32, 64, 1088)
+    assert fused.amx_serves(4096, 4096, 128, 64) and fused.amx_serves(4096, 4096, 64, 256)  # per-group activations
+    assert fused.amx_serves(4096, 4096, 4096, 128)
+    assert not fused.amx_serves(4096, 4096, 32, 4096)  # groups narrower than one tile row of 64 channels
+    assert not fused.amx_serves(4096, 4096, 128, 32)
+    assert not fused.amx_serves(4096, 48, 128, 4096)  # outputs not a multiple of 32
+    assert not fused.amx_serves(96, 32, 96, 96)  # channels not a multiple of 64
+    assert not fused.amx_serves(4096, 4096, 1536, 4096)  # groups that straddle the 1024-channel blocks
+    assert not fused.amx_serves(1088, 32, 128, 1088)  # a ragged last group
+    assert not fused.amx_serves(3072, 32, 128, 192)  # neither group a multiple of the other
+
+
+@pytest.mark.parametrize("weight_group,activation_group", [(128, 64), (64, 128), (1024, 256), (2048, 128)])
+def test_kernel_with_per_group_activation_scales(weight_group, activation_group):
+    tokens, in_features, out_features = 45, 4096, 64
+    torch.manual_seed(0)
+    weight = qf.quantize_weight(torch.randn(out_features, in_features), 4, weight_group, False)
+    x = torch.randn(tokens, in_features) * torch.logspace(-2, 2, in_features)  # scales that differ per group
+    codes, scale = qf.per_token_codes(x.reshape(-1, activation_group), 4, False)
+    codes, scale = codes.to(torch.int8).reshape(tokens, -1), scale.reshape(tokens, -1)
+    bias = torch.randn(out_features)
+    out = fused.amx_int8_gemm(codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero,
+                              weight_group, activation_group, bias, torch.float32)
+    x_hat = (codes.double().reshape(-1, activation_group) * scale.double().reshape(-1, 1)).reshape(tokens, -1)
+    w = ((weight.codes.double() - weight.zero.double().repeat_interleave(weight_group, 1))
+         * weight.scale.double().repeat_interleave(weight_group, 1))
+    exact, magnitude = x_hat @ w.T + bias.double(), x_hat.abs() @ w.abs().T
+    runs, u32 = in_features // min(weight_group, activation_group), unit_roundoff(torch.float32)
+    # per run: the exact int32 sum times the activation scale (one rounding), then a fused multiply-add
+    bound = (2 * runs + 3) * u32 * (magnitude + bias.double().abs())
+    assert ((out.double() - exact).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -156,6 +183,24 @@ def test_quant_linear_amx_path_matches_simulated(dtype, group_size, w_symmetric,
         fast, reference = module(x).reshape(80, -1), simulated(module, x).reshape(80, -1)
     rows = x.reshape(80, -1)
     assert_within(fast, reference, int8_bound(module, rows, fast, reference, module.num_weight_groups), module.bias)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("group_size,a_group_size", [(128, 64), (64, 128), (None, 128)])
+def test_quant_linear_amx_path_with_per_group_activations_matches_simulated(dtype, group_size, a_group_size):
+    spec = QuantSpec(w_group_size=group_size, a_granularity="per_group", a_group_size=a_group_size)
+    module = layer(spec, dtype, "cpu")
+    x = torch.randn(70, module.in_features, dtype=dtype) * torch.logspace(-1, 1, module.in_features).to(dtype)
+    with torch.no_grad():
+        assert module.matmul_path(x) == "amx_int8_gemm"
+        fast, reference = module(x), simulated(module, x)
+    x_hat = qf.fake_quant_per_group(x.double(), spec.a_bits, a_group_size, spec.a_symmetric).abs()
+    _, w_abs = exact_operands(module, x)
+    u, u32 = unit_roundoff(dtype), unit_roundoff(torch.float32)
+    runs = module.in_features // min(group_size or module.in_features, a_group_size)
+    relative = 2 * u + (4 + 2 * runs) * u32 + 2 * module.in_features * u32
+    bound = relative * (x_hat @ w_abs.T) + u * (fast.double().abs() + reference.double().abs())
+    assert_within(fast, reference, bound, module.bias)
 
 
 def test_quant_linear_amx_path_reads_the_saved_buffers():
@@ -176,8 +221,9 @@ def test_quant_linear_amx_path_reads_the_saved_buffers():
 
 def test_layouts_and_modes_the_amx_path_does_not_serve():
     x = torch.randn(64, 256)
-    for spec in (QuantSpec(w_group_size=32), QuantSpec(a_granularity="per_group"), QuantSpec(a_bits=8),
-                 QuantSpec(w_bits=8), QuantSpec(a_granularity="static_per_tensor")):
+    for spec in (QuantSpec(w_group_size=32), QuantSpec(a_granularity="per_group", a_group_size=32),
+                 QuantSpec(a_granularity="per_group", a_group_size=96), QuantSpec(a_bits=8), QuantSpec(w_bits=8),
+                 QuantSpec(a_granularity="static_per_tensor")):
         assert layer(spec, torch.float32, "cpu").matmul_path(x) != "amx_int8_gemm", spec
     assert layer(QuantSpec(), torch.float32, "cpu", out_features=48).matmul_path(x) != "amx_int8_gemm"
     module = layer(QuantSpec(), torch.float32, "cpu")

@@ -134,16 +134,18 @@ def amx_available() -> bool:
 
 
 @functools.cache
-def amx_serves(in_features: int, out_features: int, group_size: int) -> bool:
-    """Whether the AMX integer GEMM runs here for a 4-bit layer of this shape and weight group size (in_features
-    for per-channel scales): channels a multiple of 64, outputs of 32, groups of 64 channels that tile the kernel's
-    1024-channel blocks (or span whole ones)."""
-    return amx_available() and bool(ops().amx_serves(in_features, out_features, group_size))
+def amx_serves(in_features: int, out_features: int, group_size: int, a_group_size: int) -> bool:
+    """Whether the AMX integer GEMM runs here for a 4-bit layer of this shape, weight group size and activation
+    group size (in_features for per-channel weights and per-token activations): channels a multiple of 64, outputs
+    of 32, groups of whole 64-channel tile rows, the larger group a multiple of the smaller, which tiles the
+    kernel's 1024-channel blocks (or spans whole ones)."""
+    return amx_available() and bool(ops().amx_serves(in_features, out_features, group_size, a_group_size))
 
 
 def amx_int8_gemm(codes: torch.Tensor, code_scale: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
-                  zero: torch.Tensor | None, group_size: int, bias: torch.Tensor | None,
+                  zero: torch.Tensor | None, group_size: int, a_group_size: int, bias: torch.Tensor | None,
                   dtype: torch.dtype) -> torch.Tensor:
-    """``codes [n, in]`` (centred int8, scales ``code_scale [n, 1]``) times the packed 4-bit weight: per-group
-    int32 sums scaled in float32, in ``dtype`` (see `kernels.amx_int8_gemm`)."""
-    return ops().amx_int8_gemm(codes, code_scale, packed, weight_scale, zero, group_size, bias, dtype)
+    """``codes [n, in]`` (centred int8, scales ``code_scale [n, in / a_group_size]``) times the packed 4-bit
+    weight: int32 sums per weight and activation group, scaled in float32, in ``dtype`` (see
+    `kernels.amx_int8_gemm`)."""
+    return ops().amx_int8_gemm(codes, code_scale, packed, weight_scale, zero, group_size, a_group_size, bias, dtype)

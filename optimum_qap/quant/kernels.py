@@ -120,13 +120,29 @@ def matmul_in_row_blocks(rows: torch.Tensor, weight_rows: Callable[[slice], torc
     return out
 
 
-def int8_gemm_supported(w_bits: int, w_symmetric: bool, a_bits: int, a_granularity: str, a_symmetric: bool) -> bool:
-    """Whether centred weight and activation codes fit int8 for the integer GEMM (per-channel weights assumed;
-    `torch._int_mm` also needs both matrix sizes to be multiples of 8 on CUDA, which `QuantLinear` checks)."""
+def codes_fit_int8(w_bits: int, w_symmetric: bool, a_bits: int, a_symmetric: bool) -> bool:
+    """Whether centred weight and activation codes fit int8 (asymmetric codes minus their zero point span
+    2**bits - 1 values either side of 0)."""
     def fits(bits: int, symmetric: bool) -> bool:
         return bits <= (8 if symmetric else 7)
 
-    return a_granularity == "per_token" and fits(w_bits, w_symmetric) and fits(a_bits, a_symmetric)
+    return fits(w_bits, w_symmetric) and fits(a_bits, a_symmetric)
+
+
+def int8_gemm_supported(w_bits: int, w_symmetric: bool, a_bits: int, a_granularity: str, a_symmetric: bool) -> bool:
+    """Whether the integer GEMM serves these codes: per-token activations, codes that fit int8 (per-channel weights
+    assumed; `torch._int_mm` also needs both matrix sizes to be multiples of 8 on CUDA, which `QuantLinear`
+    checks)."""
+    return a_granularity == "per_token" and codes_fit_int8(w_bits, w_symmetric, a_bits, a_symmetric)
+
+
+def amx_activation_group(a_granularity: str, a_group_size: int, in_features: int) -> int | None:
+    """Channels sharing one activation scale on the AMX GEMM (dynamic activations only), or None."""
+    if a_granularity == "per_token":
+        return in_features
+    if a_granularity == "per_group" and in_features % a_group_size == 0:
+        return a_group_size
+    return None
 
 
 def centered_weight_codes(codes: torch.Tensor, zero: torch.Tensor | None, bits: int) -> torch.Tensor:
@@ -147,10 +163,14 @@ def int8_gemm(
 
 
 def amx_int8_gemm(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero: torch.Tensor | None,
-                  group_size: int, a_bits: int, a_symmetric: bool, bias: torch.Tensor | None) -> torch.Tensor:
-    """W4A4 on AMX tiles: per-token activation codes times the packed 4-bit weight (centred by ``zero``, or by 8
-    where symmetric), each group's int32 sums scaled by ``weight_scale`` (float32 [out, groups]) and accumulated
-    in float32, then scaled per token; ``bias`` added in float32; returns ``x.dtype``."""
-    codes, scale = fused.per_token_int8_codes(x.reshape(-1, x.shape[-1]), a_bits, a_symmetric)
-    out = fused.amx_int8_gemm(codes, scale, packed, weight_scale, zero, group_size, bias, x.dtype)
+                  group_size: int, a_group_size: int, a_bits: int, a_symmetric: bool,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """W4A4 on AMX tiles: dynamic activation codes (one scale per ``a_group_size`` channels of a token) times the
+    packed 4-bit weight (centred by ``zero``, or by 8 where symmetric); the int32 sums of each run of channels
+    inside one weight group and one activation group are scaled in float32 by both groups' scales (``weight_scale``:
+    float32 [out, groups]) and accumulated; ``bias`` added in float32; returns ``x.dtype``."""
+    in_features = x.shape[-1]
+    codes, scale = fused.per_token_int8_codes(x.reshape(-1, a_group_size), a_bits, a_symmetric)
+    codes, scale = codes.reshape(-1, in_features), scale.reshape(-1, in_features // a_group_size)
+    out = fused.amx_int8_gemm(codes, scale, packed, weight_scale, zero, group_size, a_group_size, bias, x.dtype)
     return out.reshape(*x.shape[:-1], out.shape[-1])

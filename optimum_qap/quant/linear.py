@@ -120,13 +120,16 @@ class QuantLinear(nn.Module):
         # the integer GEMM fits; matmul_path adds the per-call conditions (device, dtype, tokens)
         self._int4_group = (kernels.int4_kernel_group_size(in_features, self.weight_group_size, out_features)
                             if spec.packs_weight and spec.w_bits == 4 else None)
-        codes_fit_int8 = spec.packs_weight and kernels.int8_gemm_supported(
-            spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_granularity, spec.a_symmetric)
-        self._int8_fits = (codes_fit_int8 and self.weight_group_size is None
-                           and in_features % 8 == 0 and out_features % 8 == 0)
-        # the AMX GEMM's weight group size (in_features for per-channel scales); the kernel's shape rules are
-        # checked at the first CPU call (`fused.amx_serves`)
-        self._amx_group = (self.weight_group_size or in_features) if codes_fit_int8 and spec.w_bits == 4 else None
+        self._int8_fits = (spec.packs_weight and self.weight_group_size is None
+                           and in_features % 8 == 0 and out_features % 8 == 0
+                           and kernels.int8_gemm_supported(spec.w_bits, spec.w_symmetric, spec.a_bits,
+                                                           spec.a_granularity, spec.a_symmetric))
+        # the AMX GEMM's weight and activation group sizes (in_features for per-channel weights and per-token
+        # activations), or None; the kernel's shape rules are checked at the first CPU call (`fused.amx_serves`)
+        a_group = kernels.amx_activation_group(spec.a_granularity, spec.a_group_size, in_features)
+        amx_fits = (spec.packs_weight and spec.w_bits == 4 and a_group is not None
+                    and kernels.codes_fit_int8(spec.w_bits, spec.w_symmetric, spec.a_bits, spec.a_symmetric))
+        self._amx_groups = (self.weight_group_size or in_features, a_group) if amx_fits else None
         # (path, device, dtype) -> (fingerprint of the saved buffers it was derived from, kernel-format tensors)
         self._kernel_cache: dict[tuple, tuple] = {}
         if spec.packs_weight:
@@ -296,9 +299,9 @@ class QuantLinear(nn.Module):
         int4_serves = self._int4_group and x.dtype in kernels.INT4_DTYPES.get(device, ())
         # below AMX_MIN_TOKENS the int4 kernel is faster where it serves the call; fp32 / fp16 it does not serve
         amx_min = kernels.AMX_MIN_TOKENS.get(device, float("inf")) if int4_serves else 1
-        if (self._amx_group and tokens >= amx_min and device in kernels.AMX_MIN_TOKENS
+        if (self._amx_groups and tokens >= amx_min and device in kernels.AMX_MIN_TOKENS
                 and x.dtype in kernels.AMX_DTYPES and fused.serves(x)
-                and fused.amx_serves(self.in_features, self.out_features, self._amx_group)):
+                and fused.amx_serves(self.in_features, self.out_features, *self._amx_groups)):
             return "amx_int8_gemm"
         if self._int8_fits and tokens >= kernels.INT8_MIN_TOKENS.get(device, float("inf")):
             return "int8_gemm"
@@ -342,7 +345,7 @@ class QuantLinear(nn.Module):
         if path == "amx_int8_gemm":
             (weight_scale,) = self._kernel_tensors(path, x.device, x.dtype)
             zero = self.weight_zero if not self.spec.w_symmetric else None
-            return kernels.amx_int8_gemm(x, self.weight_packed, weight_scale, zero, self._amx_group,
+            return kernels.amx_int8_gemm(x, self.weight_packed, weight_scale, zero, *self._amx_groups,
                                          self.spec.a_bits, self.spec.a_symmetric, self.bias)
         if path == "int8_gemm":
             weight_codes, weight_scale = self._kernel_tensors(path, x.device, x.dtype)

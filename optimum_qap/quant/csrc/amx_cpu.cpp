@@ -3,6 +3,9 @@
 //
 //   out[m, n] = a_scale[m] * sum_g w_scale[n, g] * sum_{k in g} a_code[m, k] * (w_code[n, k] - w_zero[n, g]) + bias[n]
 //
+// or, for per-group activations, sum over runs r of channels within one weight group and one activation group:
+//   out[m, n] = sum_r (a_scale[m, ga(r)] * sum_{k in r} a_code * w_code) * w_scale[n, gw(r)] + bias[n]
+//
 // Activation codes arrive centred (int8, from int8_codes_rows); weight codes are centred here from the packed
 // nibbles the layer stores (no copy of the weight is kept). Each group's dot products accumulate exactly in int32
 // on the tiles; the per-group scaling runs in float32 on the vector units. Roles are swapped (C^T = W . A^T) so
@@ -134,6 +137,7 @@ inline void store_row(at::Half* out, __m512 v) {
 }
 
 // a finished C^T tile (16 weight rows x 16 tokens, float32) as out[token, n0:n0+16] = tile^T * a_scale + bias
+// (a_scale null: the per-group activation scales are applied already)
 template <typename out_t>
 void write_output_tile(const float* tile, const float* a_scale, const float* bias, out_t* out, int64_t N,
                        int64_t n0, int64_t tokens) {
@@ -142,19 +146,34 @@ void write_output_tile(const float* tile, const float* a_scale, const float* bia
   transpose_words(r);
   const __m512 b = bias ? _mm512_loadu_ps(bias + n0) : _mm512_setzero_ps();
   for (int64_t j = 0; j < std::min<int64_t>(tokens, 16); ++j) {
-    const __m512 v = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(r[j]), _mm512_set1_ps(a_scale[j])), b);
+    const __m512 sum = _mm512_castsi512_ps(r[j]);
+    const __m512 v = _mm512_add_ps(a_scale ? _mm512_mul_ps(sum, _mm512_set1_ps(a_scale[j])) : sum, b);
     store_row(out + j * N + n0, v);
   }
 }
 
 struct Problem {
   const int8_t* a_codes;  // [M, K]
-  const float* a_scale;   // [M]
+  const float* a_scale;   // [M, a_groups]
   const uint8_t* packed;  // [N, K / 2]
   const float* w_scale;   // [N, groups]
   const uint8_t* zero;    // [N, groups] or null
   const float* bias;      // [N] or null
-  int64_t M, N, K, groups, group_size;
+  int64_t M, N, K, groups, group_size, a_groups, a_group_size;
+  // channels summed exactly before one scaling: the smaller group (the larger is a multiple of it)
+  int64_t run_size() const { return std::min(group_size, a_group_size); }
+};
+
+// the weight and activation group of each run of a block of `steps` steps from channel k0
+struct RunGroups {
+  int64_t weight[K_BLOCK / STEP], activation[K_BLOCK / STEP];
+  int64_t count;
+  RunGroups(const Problem& p, int64_t k0, int64_t steps) : count(0) {
+    for (int64_t start = 0; start < steps; start += std::min(p.run_size() / STEP, steps), ++count) {
+      weight[count] = (k0 + STEP * start) / p.group_size;
+      activation[count] = (k0 + STEP * start) / p.a_group_size;
+    }
+  }
 };
 
 // scratch of one worker thread, kept between calls (a fresh buffer per call page-faults it in again)
@@ -173,21 +192,28 @@ WorkerScratch& worker_scratch() {
 // products per group into C, each group's int32 sums scaled into the float32 accumulators `c` (tile 2h + j: rows
 // 16h.., tokens 16j..) while the next group runs. One token tile (a call's last 16 or fewer tokens) skips the
 // second half's products; every output sums its groups in the same order either way.
+// `token_scales`: per-group activation scales of these tokens, [a_groups][padded tokens] (null for per-token).
 template <int token_tiles>
 void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const uint32_t* b0, const uint32_t* b1,
-                    int64_t row, int64_t k0, int64_t steps, float* const c[4], int32_t (*partial)[256]) {
-  const int64_t group_steps = p.group_size / STEP;
-  const int64_t run = std::min(group_steps, steps);
+                    int64_t row, const RunGroups& runs, int64_t steps, const float* token_scales,
+                    int64_t padded_tokens, float* const c[4], int32_t (*partial)[256]) {
   // a run of steps is one whole group, or all steps of a block inside a wider group
-  int64_t group = k0 / p.group_size, pending = -1;
+  const int64_t run = std::min(p.run_size() / STEP, steps);
+  int64_t index = 0, pending = -1;
   auto scale_pending = [&]() {
     const int32_t (*sums)[256] = partial + 4 * (pending & 1);
+    const int64_t group = runs.weight[pending];
+    __m512 token_scale[2];
+    for (int j = 0; j < token_tiles && token_scales; ++j) {
+      token_scale[j] = _mm512_loadu_ps(token_scales + runs.activation[pending] * padded_tokens + 16 * j);
+    }
     for (int h = 0; h < 2; ++h) {
       for (int i = 0; i < 16; ++i) {
-        const __m512 s = _mm512_set1_ps(p.w_scale[(row + 16 * h + i) * p.groups + pending]);
+        const __m512 s = _mm512_set1_ps(p.w_scale[(row + 16 * h + i) * p.groups + group]);
         for (int j = 0; j < token_tiles; ++j) {
           float* acc = c[2 * h + j] + 16 * i;
-          const __m512 sum = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * h + j] + 16 * i));
+          __m512 sum = _mm512_cvtepi32_ps(_mm512_loadu_si512(sums[2 * h + j] + 16 * i));
+          if (token_scales) sum = _mm512_mul_ps(sum, token_scale[j]);
           _mm512_storeu_ps(acc, _mm512_fmadd_ps(sum, s, _mm512_loadu_ps(acc)));
         }
       }
@@ -213,7 +239,7 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
       }
     }
     if (pending >= 0) scale_pending();
-    pending = group++;
+    pending = index++;
     int32_t (*slot)[256] = partial + 4 * (pending & 1);
     _tile_stored(0, slot[0], 64);
     _tile_stored(2, slot[2], 64);
@@ -227,8 +253,8 @@ void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const 
 
 // one chunk of tokens [m0, m0 + tokens) against the weight rows [32 * first_block, 32 * last_block)
 template <typename out_t>
-void multiply_chunk(const Problem& p, const uint32_t* packed_activations, int64_t m0, int64_t tokens,
-                    int64_t first_block, int64_t last_block, out_t* out) {
+void multiply_chunk(const Problem& p, const uint32_t* packed_activations, const float* token_scales, int64_t m0,
+                    int64_t tokens, int64_t first_block, int64_t last_block, out_t* out) {
   WorkerScratch& scratch = worker_scratch();
   const int64_t padded = (tokens + 31) / 32 * 32, token_tiles = padded / 16, k_steps = p.K / STEP;
   const int64_t blocks = last_block - first_block;
@@ -238,6 +264,7 @@ void multiply_chunk(const Problem& p, const uint32_t* packed_activations, int64_
   if (scratch.accumulators.size() < accumulator_floats) scratch.accumulators.resize(accumulator_floats);
   for (int64_t k0 = 0; k0 < p.K; k0 += K_BLOCK) {
     const int64_t steps = std::min(K_BLOCK, p.K - k0) / STEP;
+    const RunGroups runs(p, k0, steps);
     for (int64_t b = 0; b < blocks; ++b) {
       centre_weight_rows(p.packed, p.zero, p.K, p.groups, p.group_size, 32 * (first_block + b), k0, steps,
                          scratch.weight_tiles.data() + b * 2 * steps * 1024);
@@ -255,18 +282,20 @@ void multiply_chunk(const Problem& p, const uint32_t* packed_activations, int64_
         }
         const int8_t* a0 = scratch.weight_tiles.data() + b * 2 * steps * 1024;
         const int64_t row = 32 * (first_block + b);
+        const float* scales = token_scales ? token_scales + 32 * pair : nullptr;
         if (tokens - 32 * pair > 16) {
-          multiply_block<2>(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+          multiply_block<2>(p, a0, a0 + steps * 1024, b0, b1, row, runs, steps, scales, padded, c, scratch.partial);
         } else {
-          multiply_block<1>(p, a0, a0 + steps * 1024, b0, b1, row, k0, steps, c, scratch.partial);
+          multiply_block<1>(p, a0, a0 + steps * 1024, b0, b1, row, runs, steps, scales, padded, c, scratch.partial);
         }
         if (k0 + steps * STEP < p.K) continue;
         for (int h = 0; h < 2; ++h) {
           for (int j = 0; j < 2; ++j) {
             const int64_t first_token = 32 * pair + 16 * j;
             if (first_token >= tokens) continue;
-            write_output_tile(c[2 * h + j], p.a_scale + m0 + first_token, p.bias, out + (m0 + first_token) * p.N,
-                              p.N, row + 16 * h, tokens - first_token);
+            const float* a_scale = token_scales ? nullptr : p.a_scale + m0 + first_token;
+            write_output_tile(c[2 * h + j], a_scale, p.bias, out + (m0 + first_token) * p.N, p.N, row + 16 * h,
+                              tokens - first_token);
           }
         }
       }
@@ -284,8 +313,22 @@ void amx_multiply(const Problem& p, out_t* out) {
   const size_t words = static_cast<size_t>(chunk / 16) * k_steps * 256;
   if (packed_activations.size() < words) packed_activations.resize(words);
   uint32_t* packed = packed_activations.data();
+  // per-group activation scales as [a_groups][tokens of the chunk, padded]: 16 tokens' scales in one load
+  static thread_local std::vector<float> token_scales;
+  if (p.a_groups > 1 && token_scales.size() < static_cast<size_t>(p.a_groups * chunk)) {
+    token_scales.resize(p.a_groups * chunk);
+  }
   for (int64_t m0 = 0; m0 < p.M; m0 += chunk) {
     const int64_t tokens = std::min(chunk, p.M - m0), token_tiles = (tokens + 31) / 32 * 2;
+    const int64_t padded = token_tiles * 16;
+    if (p.a_groups > 1) {
+      for (int64_t g = 0; g < p.a_groups; ++g) {
+        for (int64_t t = 0; t < padded; ++t) {
+          token_scales[g * padded + t] = t < tokens ? p.a_scale[(m0 + t) * p.a_groups + g] : 0.0f;
+        }
+      }
+    }
+    const float* chunk_scales = p.a_groups > 1 ? token_scales.data() : nullptr;
     at::parallel_for(0, token_tiles * k_steps, 64, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const int64_t tile = t / k_steps, step = t % k_steps;
@@ -300,7 +343,7 @@ void amx_multiply(const Problem& p, out_t* out) {
       configure_tiles();
       for (int64_t task = begin; task < end; ++task) {
         const int64_t first = task * per_task;
-        multiply_chunk(p, packed, m0, tokens, first, std::min(row_blocks, first + per_task), out);
+        multiply_chunk(p, packed, chunk_scales, m0, tokens, first, std::min(row_blocks, first + per_task), out);
       }
       _tile_release();
     });
@@ -317,12 +360,15 @@ bool amx_available() {
 #endif
 }
 
-// whether amx_int8_gemm serves this layout (callers fall back to another path otherwise)
-bool amx_serves(int64_t in_features, int64_t out_features, int64_t group_size) {
+// whether amx_int8_gemm serves this layout (callers fall back to another path otherwise): weight groups and
+// activation groups (in_features for per-channel weights and per-token activations) of whole tile rows that tile
+// the channels, the larger a multiple of the smaller, whose runs tile the 1024-channel blocks or span whole ones
+bool amx_serves(int64_t in_features, int64_t out_features, int64_t group_size, int64_t a_group_size) {
 #ifdef QAP_AMX
-  const bool groups_fit = group_size == in_features ||
-                          (in_features % group_size == 0 && (K_BLOCK % group_size == 0 || group_size % K_BLOCK == 0));
-  return in_features % STEP == 0 && out_features % 32 == 0 && group_size % STEP == 0 && groups_fit;
+  const int64_t run = std::min(group_size, a_group_size), wide = std::max(group_size, a_group_size);
+  const bool tiles = in_features % group_size == 0 && in_features % a_group_size == 0 && wide % run == 0;
+  const bool blocks = run == in_features || K_BLOCK % run == 0 || run % K_BLOCK == 0;
+  return in_features % STEP == 0 && out_features % 32 == 0 && run % STEP == 0 && tiles && blocks;
 #else
   return false;
 #endif
@@ -330,13 +376,14 @@ bool amx_serves(int64_t in_features, int64_t out_features, int64_t group_size) {
 
 at::Tensor amx_int8_gemm(const at::Tensor& a_codes, const at::Tensor& a_scale, const at::Tensor& packed,
                          const at::Tensor& w_scale, const c10::optional<at::Tensor>& zero, int64_t group_size,
-                         const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
+                         int64_t a_group_size, const c10::optional<at::Tensor>& bias, at::ScalarType dtype) {
   TORCH_CHECK(amx_available(), "amx_int8_gemm needs AMX tiles (see optimum_qap.quant.fused.amx_available)");
   TORCH_CHECK(a_codes.scalar_type() == at::kChar && a_codes.dim() == 2, "activation codes must be int8 [tokens, in]");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2, "weights must be packed uint8 [out, in / 2]");
   const int64_t M = a_codes.size(0), K = a_codes.size(1), N = packed.size(0), groups = w_scale.size(1);
   TORCH_CHECK(packed.size(1) * 2 == K, "packed weights hold ", packed.size(1) * 2, " codes per row, expected ", K);
-  TORCH_CHECK(amx_serves(K, N, group_size), "amx_int8_gemm does not serve in=", K, " out=", N, " group=", group_size);
+  TORCH_CHECK(amx_serves(K, N, group_size, a_group_size), "amx_int8_gemm does not serve in=", K, " out=", N,
+              " group=", group_size, " activation group=", a_group_size);
   TORCH_CHECK(groups * group_size == K && w_scale.size(0) == N, "weight scales [", w_scale.size(0), ", ", groups,
               "] do not match ", N, " rows of ", K / group_size, " groups");
   TORCH_CHECK(!zero.has_value() || (zero->scalar_type() == at::kByte && zero->sizes() == w_scale.sizes()),
@@ -349,12 +396,15 @@ at::Tensor amx_int8_gemm(const at::Tensor& a_codes, const at::Tensor& a_scale, c
   const at::Tensor row_scale = a_scale.to(at::kFloat).contiguous(), scales = w_scale.to(at::kFloat).contiguous();
   const at::Tensor zeros = zero.has_value() ? zero->contiguous() : at::Tensor();
   const at::Tensor bias_f = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
-  TORCH_CHECK(row_scale.numel() == M, "expected one activation scale per token");
+  const int64_t a_groups = K / a_group_size;
+  TORCH_CHECK(row_scale.numel() == M * a_groups, "expected ", a_groups, " activation scales per token, got ",
+              row_scale.numel(), " for ", M, " tokens");
   TORCH_CHECK(!bias.has_value() || bias_f.numel() == N, "expected one bias per output");
   const Problem problem{codes.const_data_ptr<int8_t>(), row_scale.const_data_ptr<float>(),
                         weights.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(),
                         zero.has_value() ? zeros.const_data_ptr<uint8_t>() : nullptr,
-                        bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, M, N, K, groups, group_size};
+                        bias.has_value() ? bias_f.const_data_ptr<float>() : nullptr, M, N, K, groups, group_size,
+                        a_groups, a_group_size};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "amx_int8_gemm", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) amx_multiply(problem, out.mutable_data_ptr<scalar_t>());
   });
@@ -366,9 +416,9 @@ at::Tensor amx_int8_gemm(const at::Tensor& a_codes, const at::Tensor& a_scale, c
 
 TORCH_LIBRARY_FRAGMENT(optimum_qap, m) {
   m.def("amx_available() -> bool", &amx_available);
-  m.def("amx_serves(int in_features, int out_features, int group_size) -> bool", &amx_serves);
+  m.def("amx_serves(int in_features, int out_features, int group_size, int a_group_size) -> bool", &amx_serves);
   m.def("amx_int8_gemm(Tensor a_codes, Tensor a_scale, Tensor packed, Tensor w_scale, Tensor? zero, int group_size, "
-        "Tensor? bias, ScalarType dtype) -> Tensor");
+        "int a_group_size, Tensor? bias, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(optimum_qap, CPU, m) { m.impl("amx_int8_gemm", &amx_int8_gemm); }
