@@ -38,11 +38,11 @@ INT4_KERNEL_GROUP_SIZES = (256, 128, 64, 32)
 # dequantization, fused CPU ops) at 21-22 (int4 5 % ahead at 20, simulated 7 % ahead at 24). The CUDA values are
 # not measured yet (docs/performance-cuda.md).
 INT8_MIN_TOKENS = {"cpu": 4, "cuda": 17}
-# tokens per call from which the AMX integer GEMM serves its layouts (CPU only), ahead of the other paths: over
-# a decoder layer's seven linears it ties the int4 kernel at 4 tokens and costs about the same up to ~16 (it centres
-# every weight once per call) while int4 grows linearly (benchmarks/crossover.py, bf16, 1 thread); it beats
-# torch._int_mm on per-channel layouts at every measured size
-AMX_MIN_TOKENS = {"cpu": 5}
+# tokens per call from which the AMX integer GEMM serves its layouts (CPU only) where the int4 kernel could serve
+# the call: over a decoder layer's seven linears (benchmarks/crossover.py, bf16, 1 thread) it costs about the same
+# from 1 to 16 tokens (it centres every weight once per call; 15.6 ms) while int4 grows linearly (9.6 ms at 1
+# token, 12.2 at 2, 17.0 at 4); it beats torch._int_mm on per-channel layouts at every measured size
+AMX_MIN_TOKENS = {"cpu": 4}
 # activation dtypes the AMX GEMM writes (it reads int8 codes, so any float model is served)
 AMX_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 INT4_MAX_TOKENS = {"cpu": 20, "cuda": 16}
