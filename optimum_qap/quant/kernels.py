@@ -6,9 +6,10 @@
   to ``zero_float = (8 - z) * scale``, exact in float32 and rounded once to the activation dtype otherwise.
 - ``int8_gemm``: a true integer GEMM (`torch._int_mm`, int8 tensor cores / AMX / VNNI) for per-channel weights
   with dynamic per-token activations. Integer accumulation is exact; only the final scaling rounds.
-- ``amx_int8_gemm``: the same integer GEMM on CPU AMX tiles for group-wise and per-channel 4-bit weights
-  (``csrc/amx_cpu.cpp``): each weight group's sums exact in int32, scaled by the group's scale in float32. It
-  reads the packed codes the layer stores; the only kernel-format tensor is a float32 copy of the scales.
+- ``amx_int8_gemm``: the same integer GEMM on CPU AMX tiles for group-wise and per-channel 4-bit weights with
+  dynamic per-token or per-group activations (``csrc/amx_cpu.cpp``): the sums over each run of channels inside
+  one weight group and one activation group exact in int32, scaled by the groups' scales in float32. It reads the
+  packed codes the layer stores; the only kernel-format tensor is a float32 copy of the scales.
 
 - ``simulated`` (the reference): dequantize, fake-quantize, dense matmul; outside autograd the weight is
   dequantized in cache-sized row blocks, one GEMM each (`matmul_in_row_blocks`).
