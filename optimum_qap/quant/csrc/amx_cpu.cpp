@@ -102,32 +102,6 @@ inline void pack_activation_tile(const int8_t* codes, int64_t K, int64_t tokens,
   for (int64_t i = 0; i < 16; ++i) _mm512_storeu_si512(tile + 16 * i, r[i]);
 }
 
-// weight codes minus their zero point (8 for symmetric 4-bit) as int8 A tiles: for each of the 32 rows from
-// `row`, the channels [k0, k0 + steps * 64), 64 per tile row; tile (h, s) holds rows 16h.. of step s
-inline void centre_weight_rows(const uint8_t* packed, const uint8_t* zero, int64_t K, int64_t groups,
-                               int64_t group_size, int64_t row, int64_t k0, int64_t steps, int8_t* tiles) {
-  const __m512i low = _mm512_set1_epi16(0x0F), high = _mm512_set1_epi16(0xF0);
-  const int64_t group_steps = group_size / STEP, first_group = k0 / group_size;
-  for (int64_t i = 0; i < 32; ++i) {
-    const int64_t n = row + i;
-    const uint8_t* bytes = packed + n * (K / 2) + k0 / 2;
-    int8_t* target = tiles + (i / 16) * steps * 1024 + (i % 16) * 64;
-    // the group index advances by counting (an integer division per 64 weights costs more than the rest)
-    int64_t group = first_group, left = group_steps - (k0 / STEP) % group_steps;
-    __m512i center = _mm512_set1_epi8(zero ? static_cast<char>(zero[n * groups + group]) : 8);
-    for (int64_t s = 0; s < steps; ++s, --left) {
-      if (left == 0) {
-        left = group_steps;
-        center = _mm512_set1_epi8(zero ? static_cast<char>(zero[n * groups + ++group]) : 8);
-      }
-      // byte b = odd << 4 | even: widen to 16 bits, move the odd nibble to the high byte: the codes in order
-      const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * s)));
-      const __m512i codes = _mm512_or_si512(_mm512_and_si512(wide, low), _mm512_slli_epi16(_mm512_and_si512(wide, high), 4));
-      _mm512_storeu_si512(target + s * 1024, _mm512_sub_epi8(codes, center));
-    }
-  }
-}
-
 inline void store_row(float* out, __m512 v) { _mm512_storeu_ps(out, v); }
 inline void store_row(at::BFloat16* out, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
@@ -164,17 +138,39 @@ struct Problem {
   int64_t run_size() const { return std::min(group_size, a_group_size); }
 };
 
-// the weight and activation group of each run of a block of `steps` steps from channel k0
+// one block of `steps` tile steps from channel k0, cut into runs of `run` steps (one whole group, or all steps of
+// the block inside a wider group), with the weight and activation group of each run
 struct RunGroups {
+  int64_t k0, steps, run, count;
   int64_t weight[K_BLOCK / STEP], activation[K_BLOCK / STEP];
-  int64_t count;
-  RunGroups(const Problem& p, int64_t k0, int64_t steps) : count(0) {
-    for (int64_t start = 0; start < steps; start += std::min(p.run_size() / STEP, steps), ++count) {
+  RunGroups(const Problem& p, int64_t first_channel, int64_t block_steps)
+      : k0(first_channel), steps(block_steps), run(std::min(p.run_size() / STEP, block_steps)), count(0) {
+    for (int64_t start = 0; start < steps; start += run, ++count) {
       weight[count] = (k0 + STEP * start) / p.group_size;
       activation[count] = (k0 + STEP * start) / p.a_group_size;
     }
   }
 };
+
+// weight codes minus their zero point (8 for symmetric 4-bit) as int8 A tiles: for each of the 32 rows from
+// `row`, the channels of the block, 64 per tile row; tile (h, s) holds rows 16h.. of step s
+inline void centre_weight_rows(const Problem& p, const RunGroups& runs, int64_t row, int8_t* tiles) {
+  const __m512i low = _mm512_set1_epi16(0x0F), high = _mm512_set1_epi16(0xF0);
+  for (int64_t i = 0; i < 32; ++i) {
+    const int64_t n = row + i;
+    const uint8_t* bytes = p.packed + n * (p.K / 2) + runs.k0 / 2;
+    int8_t* target = tiles + (i / 16) * runs.steps * 1024 + (i % 16) * 64;
+    for (int64_t r = 0; r < runs.count; ++r) {
+      const __m512i center = _mm512_set1_epi8(p.zero ? static_cast<char>(p.zero[n * p.groups + runs.weight[r]]) : 8);
+      for (int64_t s = r * runs.run; s < std::min((r + 1) * runs.run, runs.steps); ++s) {
+        // byte b = odd << 4 | even: widen to 16 bits, move the odd nibble to the high byte: the codes in order
+        const __m512i wide = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes + 32 * s)));
+        const __m512i codes = _mm512_or_si512(_mm512_and_si512(wide, low), _mm512_slli_epi16(_mm512_and_si512(wide, high), 4));
+        _mm512_storeu_si512(target + s * 1024, _mm512_sub_epi8(codes, center));
+      }
+    }
+  }
+}
 
 // scratch of one worker thread, kept between calls (a fresh buffer per call page-faults it in again)
 struct WorkerScratch {
@@ -188,17 +184,16 @@ WorkerScratch& worker_scratch() {
   return scratch;
 }
 
-// out^T for 32 weight rows x 16 * token_tiles tokens (1 or 2 tiles), over channels [k0, k0 + steps * 64): tile
+// out^T for 32 weight rows x 16 * token_tiles tokens (1 or 2 tiles), over the channels of `runs`: tile
 // products per group into C, each group's int32 sums scaled into the float32 accumulators `c` (tile 2h + j: rows
 // 16h.., tokens 16j..) while the next group runs. One token tile (a call's last 16 or fewer tokens) skips the
 // second half's products; every output sums its groups in the same order either way.
 // `token_scales`: per-group activation scales of these tokens, [a_groups][padded tokens] (null for per-token).
 template <int token_tiles>
 void multiply_block(const Problem& p, const int8_t* a0, const int8_t* a1, const uint32_t* b0, const uint32_t* b1,
-                    int64_t row, const RunGroups& runs, int64_t steps, const float* token_scales,
-                    int64_t padded_tokens, float* const c[4], int32_t (*partial)[256]) {
-  // a run of steps is one whole group, or all steps of a block inside a wider group
-  const int64_t run = std::min(p.run_size() / STEP, steps);
+                    int64_t row, const RunGroups& runs, const float* token_scales, int64_t padded_tokens,
+                    float* const c[4], int32_t (*partial)[256]) {
+  const int64_t run = runs.run, steps = runs.steps;
   int64_t index = 0, pending = -1;
   auto scale_pending = [&]() {
     const int32_t (*sums)[256] = partial + 4 * (pending & 1);
@@ -266,8 +261,7 @@ void multiply_chunk(const Problem& p, const uint32_t* packed_activations, const 
     const int64_t steps = std::min(K_BLOCK, p.K - k0) / STEP;
     const RunGroups runs(p, k0, steps);
     for (int64_t b = 0; b < blocks; ++b) {
-      centre_weight_rows(p.packed, p.zero, p.K, p.groups, p.group_size, 32 * (first_block + b), k0, steps,
-                         scratch.weight_tiles.data() + b * 2 * steps * 1024);
+      centre_weight_rows(p, runs, 32 * (first_block + b), scratch.weight_tiles.data() + b * 2 * steps * 1024);
     }
     for (int64_t pair = 0; pair < padded / 32; ++pair) {
       const uint32_t* b0 = packed_activations + ((2 * pair) * k_steps + k0 / STEP) * 256;
@@ -284,9 +278,9 @@ void multiply_chunk(const Problem& p, const uint32_t* packed_activations, const 
         const int64_t row = 32 * (first_block + b);
         const float* scales = token_scales ? token_scales + 32 * pair : nullptr;
         if (tokens - 32 * pair > 16) {
-          multiply_block<2>(p, a0, a0 + steps * 1024, b0, b1, row, runs, steps, scales, padded, c, scratch.partial);
+          multiply_block<2>(p, a0, a0 + steps * 1024, b0, b1, row, runs, scales, padded, c, scratch.partial);
         } else {
-          multiply_block<1>(p, a0, a0 + steps * 1024, b0, b1, row, runs, steps, scales, padded, c, scratch.partial);
+          multiply_block<1>(p, a0, a0 + steps * 1024, b0, b1, row, runs, scales, padded, c, scratch.partial);
         }
         if (k0 + steps * STEP < p.K) continue;
         for (int h = 0; h < 2; ++h) {
