@@ -31,11 +31,12 @@ def problem(tokens: int, in_features: int, out_features: int, group_size: int, w
 
 
 def exact_product(codes, scale, weight, group_size, bias):
-    """float64 ``x_hat @ w.T + bias`` and ``|x_hat| @ |w|.T`` from the same codes and float32 scales."""
+    """float64 ``x_hat @ w.T + bias`` and ``|x_hat| @ |w|.T`` from the same codes and float32 scales (``scale``
+    [tokens, activation groups])."""
     center = weight.zero.double() if weight.zero is not None else torch.full_like(weight.scale, 8, dtype=torch.float64)
     w = (weight.codes.double() - center.repeat_interleave(group_size, 1)) * weight.scale.double().repeat_interleave(
         group_size, 1)
-    x = codes.double() * scale.double()
+    x = (codes.double().unflatten(-1, (scale.shape[-1], -1)) * scale.double().unsqueeze(-1)).flatten(-2)
     return x @ w.T + bias.double(), x.abs() @ w.abs().T
 
 
@@ -161,10 +162,7 @@ def test_kernel_with_per_group_activation_scales(weight_group, activation_group)
     bias = torch.randn(out_features)
     out = fused.amx_int8_gemm(codes, scale, pack_codes(weight.codes, 4), weight.scale.float(), weight.zero,
                               weight_group, activation_group, bias, torch.float32)
-    x_hat = (codes.double().reshape(-1, activation_group) * scale.double().reshape(-1, 1)).reshape(tokens, -1)
-    w = ((weight.codes.double() - weight.zero.double().repeat_interleave(weight_group, 1))
-         * weight.scale.double().repeat_interleave(weight_group, 1))
-    exact, magnitude = x_hat @ w.T + bias.double(), x_hat.abs() @ w.abs().T
+    exact, magnitude = exact_product(codes, scale, weight, weight_group, bias)
     runs, u32 = in_features // min(weight_group, activation_group), unit_roundoff(torch.float32)
     # per run: the exact int32 sum times the activation scale (one rounding), then a fused multiply-add
     bound = (2 * runs + 3) * u32 * (magnitude + bias.double().abs())
